@@ -1,0 +1,41 @@
+# The README's two commands: `make run` (main job on the embedded default) and `make test`.
+# Both create .venv on first use: torch first (CPU build from this machine's disk, or the
+# build named by TORCH_INDEX), then the package with its dev extras, pinned by constraints.txt.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+BIN := $(VENV)/bin
+
+# Offline-friendly defaults: no telemetry from any tool in the stack.
+export HF_HUB_DISABLE_TELEMETRY ?= 1
+export DO_NOT_TRACK ?= 1
+export TRANSFORMERS_VERBOSITY ?= error
+
+.PHONY: install run test lint format clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip
+	$(BIN)/pip install -q $(TORCH_SPEC) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	touch $@
+
+run: install
+	$(BIN)/sur run
+
+test: install lint
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

@@ -1,0 +1,146 @@
+"""`sur`: one thin command per stage, plus the main job. Logic lives in the stage modules."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # hide optional-backend notices
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from suradapter.config import Params, ParamsError, load_params
+
+if TYPE_CHECKING:
+    from suradapter.model.adapter import SURAdapter
+
+app = typer.Typer(
+    help="SUR-adapter: make text-to-image models understand short narrative prompts.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+params_app = typer.Typer(help="Inspect the typed params.", no_args_is_help=True)
+adapter_app = typer.Typer(help="Inspect and convert adapters.", no_args_is_help=True)
+app.add_typer(params_app, name="params")
+app.add_typer(adapter_app, name="adapter")
+console = Console()
+
+
+@dataclass
+class CliState:
+    params_path: Path | None = None
+    profile: str | None = None
+
+    def load(self, profile: str | None = None) -> Params:
+        try:
+            return load_params(self.params_path, profile or self.profile)
+        except ParamsError as err:
+            fail(str(err))
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print `message` as an error and exit with `code`."""
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    params: Path | None = typer.Option(
+        None, "--params", envvar="SUR_PARAMS", help="Params file (default ./params.yaml)."
+    ),
+    profile: str | None = typer.Option(
+        None, "--profile", envvar="SUR_PROFILE", help="Profile overlay: tiny, shapes or sd15."
+    ),
+) -> None:
+    ctx.obj = CliState(params, profile)
+
+
+@params_app.command("show")
+def params_show(ctx: typer.Context) -> None:
+    """Print the merged, validated params of the active profile as YAML."""
+    params = ctx.obj.load()
+    console.print(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False), end="")
+
+
+@adapter_app.command("info")
+def adapter_info(
+    ctx: typer.Context,
+    target: str = typer.Argument(..., help="A saved adapter folder, or a profile name."),
+) -> None:
+    """Print an adapter's mode, eta, shape and parameter counts."""
+    from suradapter.model.adapter import SURAdapter, describe_adapter
+
+    if Path(target).is_dir():
+        try:
+            adapter = SURAdapter.from_pretrained(target)
+        except (OSError, ValueError) as err:
+            fail(f"{target}: not a saved SUR-adapter folder ({err})")
+        source = target
+    else:
+        adapter = _adapter_for_profile(ctx.obj.load(profile=target))
+        source = f"profile '{target}' (fresh init)"
+    table = Table(title=f"SUR-adapter: {source}", show_header=False)
+    for key, value in describe_adapter(adapter).items():
+        table.add_row(key, str(value))
+    console.print(table)
+
+
+def _adapter_for_profile(params: Params) -> SURAdapter:
+    from suradapter.model.adapter import SURAdapter
+
+    text_width = None
+    if params.adapter.width is None:
+        from suradapter.model.zoo import BaseModelNotFoundError, load_base_from_params
+
+        try:
+            pipeline = load_base_from_params(params.base_model)
+        except BaseModelNotFoundError as err:
+            fail(str(err))
+        text_width = pipeline.text_encoder.config.hidden_size
+    try:
+        return SURAdapter.from_params(params.adapter, text_width)
+    except ValueError as err:
+        fail(str(err))
+
+
+@adapter_app.command("convert-reference")
+def adapter_convert_reference(
+    checkpoint: Path = typer.Argument(..., exists=True, dir_okay=False, help="Official adapter.pt"),
+    out_dir: Path = typer.Argument(..., help="Folder to write (save_pretrained layout)."),
+    adapter_weight: float = typer.Option(
+        0.1, "--adapter-weight", help="eta used in training (not stored in the .pt)."
+    ),
+) -> None:
+    """Convert an official SUR-adapter `.pt` into a `save_pretrained` folder (reference mode)."""
+    from suradapter.model.adapter import SURAdapter
+
+    try:
+        adapter = SURAdapter.from_reference_checkpoint(checkpoint, adapter_weight=adapter_weight)
+    except ValueError as err:
+        fail(str(err))
+    adapter.save_pretrained(out_dir)
+    console.print(f"wrote {out_dir} (mode=reference, eta={adapter_weight})")
+
+
+@app.command("run")
+def run(
+    ctx: typer.Context,
+    out_dir: Path = typer.Option(Path("outputs/run"), help="Where the job writes its outputs."),
+) -> None:
+    """The main job on the active profile: runs every stage that exists so far."""
+    from suradapter.main_job import run_main_job
+
+    params = ctx.obj.load()
+    try:
+        summary = run_main_job(params, out_dir, console)
+    except RuntimeError as err:
+        fail(str(err), code=1)
+    console.print(summary)

@@ -1,0 +1,228 @@
+"""Typed, validated views of `params.yaml`: the single source of stage parameters.
+
+A params file holds a complete set of parameters and names a `profile`. A profile other
+than the file's own is an overlay, `configs/<profile>.yaml` beside the params file, that is
+deep-merged over it. The profile can also be chosen with `SUR_PROFILE` or `--profile`.
+Unknown or mistyped keys fail with a `ParamsError` naming the key and the file it came from.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+PARAMS_ENV = "SUR_PARAMS"
+PROFILE_ENV = "SUR_PROFILE"
+DEFAULT_PARAMS_FILE = Path("params.yaml")
+PROFILE_DIR_NAME = "configs"
+
+Distance = Literal["softmax_kl", "mse", "cosine"]
+
+
+class ParamsError(ValueError):
+    """A params file is missing, malformed, or holds an unknown or mistyped key."""
+
+
+class StrictModel(BaseModel):
+    """Base of every params section: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BaseModelParams(StrictModel):
+    id: str = Field(
+        "tiny",
+        description="Base text-to-image model: 'tiny' (built from configs, offline), "
+        "a local diffusers folder, or a Hugging Face hub id.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="Dtype of the frozen base model weights."
+    )
+    seed: int = Field(0, description="Seed for building the 'tiny' model from its configs.")
+
+
+class AdapterParams(StrictModel):
+    mode: Literal["fixed", "reference"] = Field(
+        "fixed",
+        description="'fixed' (batch_first, padding mask, no unused weights) or 'reference' "
+        "(bug-compatible with the official code and its checkpoints).",
+    )
+    adapter_weight: float = Field(
+        0.1, ge=0.0, le=1.0, description="Fusion weight eta: out = eta*fc(attn) + (1-eta)*x."
+    )
+    width: int | None = Field(
+        None,
+        ge=1,
+        description="Text-embedding width; null = the base text encoder's hidden size "
+        "(set it to describe an adapter without loading its base model).",
+    )
+    depth: int = Field(2, ge=1, description="Transformer encoder layers in the adapter.")
+    num_heads: int = Field(8, ge=1, description="Attention heads of the adapter encoder.")
+    ff_dim: int = Field(2048, ge=1, description="Feed-forward width of the adapter encoder.")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout inside the encoder.")
+    teacher_dim: int | None = Field(
+        None,
+        ge=1,
+        description="Teacher (LLM) feature width for the learnable projection (fixed mode); "
+        "null for no projection.",
+    )
+    init_seed: int = Field(0, description="Seed of the adapter's weight initialisation.")
+
+
+class DistanceParams(StrictModel):
+    weight: float = Field(1.0, ge=0.0, description="Weight of this term in the total loss.")
+    distance: Distance = Field(
+        "softmax_kl",
+        description="'softmax_kl' (reference, token-wise over hidden dims), 'mse' or 'cosine'.",
+    )
+    temperature: float = Field(1.0, gt=0.0, description="Softmax temperature for softmax_kl.")
+
+
+class DenoiseParams(StrictModel):
+    weight: float = Field(1.0, ge=0.0, description="Weight of the denoising MSE term.")
+    gradient: Literal["through", "detach"] = Field(
+        "through",
+        description="'through' lets the denoising gradient reach the adapter (the paper); "
+        "'detach' blocks it (the reference code).",
+    )
+    snr_gamma: float | None = Field(
+        None, gt=0.0, description="Min-SNR weighting gamma; null for plain MSE."
+    )
+
+
+class LossParams(StrictModel):
+    llm_distill: DistanceParams = Field(
+        default_factory=DistanceParams,
+        description="LLM distillation: adapter encoder features vs the projected teacher feature.",
+    )
+    alignment: DistanceParams = Field(
+        default_factory=DistanceParams,
+        description="Semantic alignment: adapted narrative embedding vs CLIP(keyword prompt).",
+    )
+    denoise: DenoiseParams = Field(
+        default_factory=DenoiseParams, description="Denoising loss through the frozen UNet."
+    )
+
+
+class Params(StrictModel):
+    profile: str = Field("shapes", description="Active profile: tiny, shapes or sd15.")
+    seed: int = Field(0, description="Global seed for stages that draw random numbers.")
+    base_model: BaseModelParams = Field(
+        default_factory=BaseModelParams, description="The frozen base diffusion model."
+    )
+    adapter: AdapterParams = Field(
+        default_factory=AdapterParams, description="SUR-adapter architecture."
+    )
+    loss: LossParams = Field(default_factory=LossParams, description="Training loss terms.")
+
+
+def default_params_path() -> Path:
+    """Return the params file to use: `$SUR_PARAMS` or `./params.yaml`."""
+    return Path(os.environ.get(PARAMS_ENV, DEFAULT_PARAMS_FILE))
+
+
+def profile_path(params_path: Path, profile: str) -> Path:
+    """Return the overlay file of `profile` for the params file at `params_path`."""
+    return params_path.parent / PROFILE_DIR_NAME / f"{profile}.yaml"
+
+
+def available_profiles(params_path: Path) -> list[str]:
+    """Return the profiles that have an overlay beside `params_path`."""
+    folder = params_path.parent / PROFILE_DIR_NAME
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def load_params(path: Path | str | None = None, profile: str | None = None) -> Params:
+    """Load, merge and validate params.
+
+    Returns the validated `Params`. Raises `ParamsError` naming the file and key on any problem.
+    """
+    params_path = Path(path) if path is not None else default_params_path()
+    base = _read_yaml_mapping(params_path)
+    file_profile = str(base.get("profile", Params.model_fields["profile"].default))
+    chosen = profile or os.environ.get(PROFILE_ENV) or file_profile
+    overlay: dict[str, Any] = {}
+    overlay_path: Path | None = None
+    if chosen != file_profile:
+        overlay_path = profile_path(params_path, chosen)
+        if not overlay_path.is_file():
+            known = ", ".join([file_profile, *available_profiles(params_path)])
+            raise ParamsError(
+                f"profile '{chosen}': no overlay file {overlay_path} (known profiles: {known})"
+            )
+        overlay = _read_yaml_mapping(overlay_path)
+        overlay.pop("profile", None)
+    merged = _deep_merge(base, overlay)
+    merged["profile"] = chosen
+    try:
+        return Params.model_validate(merged)
+    except ValidationError as err:
+        raise ParamsError(_describe(err, params_path, overlay, overlay_path)) from None
+
+
+def _read_yaml_mapping(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ParamsError(f"params file {path} not found (set {PARAMS_ENV} or run from the repo)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _deep_merge(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _has_path(tree: Mapping[str, Any], loc: tuple[Any, ...]) -> bool:
+    node: Any = tree
+    for part in loc:
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _section_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] = Params
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def _describe(
+    err: ValidationError, params_path: Path, overlay: Mapping[str, Any], overlay_path: Path | None
+) -> str:
+    lines = []
+    for item in err.errors():
+        loc = tuple(item["loc"])
+        key = ".".join(str(p) for p in loc)
+        source = overlay_path if overlay_path and _has_path(overlay, loc) else params_path
+        if item["type"] == "extra_forbidden":
+            section = _section_model(loc[:-1])
+            known = sorted(section.model_fields) if section else []
+            hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
+            lines.append(f"{source}: unknown key '{key}'{suggestion}; known: {', '.join(known)}")
+        else:
+            lines.append(f"{source}: key '{key}': {item['msg']} (got {item.get('input')!r})")
+    return "invalid params:\n  " + "\n  ".join(lines)

@@ -1,0 +1,77 @@
+"""The main job (`sur run`): every stage that exists so far, on the active profile.
+
+Today that is: resolve the base model, build the adapter from params, save and reload it,
+and run the adapted text path through the standard pipeline beside the base model. Later
+stages (prepare, embed, train, evaluate, export, register) join this chain as they land.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from suradapter.config import Params
+from suradapter.model.adapter import SURAdapter, describe_adapter
+from suradapter.model.text_path import AdaptedTextPath
+from suradapter.model.zoo import BaseModelNotFoundError, load_base_from_params
+
+DEMO_PROMPTS = (
+    "a trio of fire-truck coloured coins lying in the snow",
+    "3 red circles, white background, flat icon, centered, high quality",
+)
+DEMO_STEPS = 4
+
+
+def run_main_job(params: Params, out_dir: Path, console: Console) -> str:
+    """Run the available stages; write outputs under `out_dir`; return a one-line summary.
+
+    Raises RuntimeError when a stage cannot run (the message says why).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with console.status("resolving base model"):
+        try:
+            pipeline = load_base_from_params(params.base_model)
+        except BaseModelNotFoundError as err:
+            raise RuntimeError(str(err)) from None
+    width = pipeline.text_encoder.config.hidden_size
+    console.print(f"[green]✓[/] base model '{params.base_model.id}' (text width {width})")
+
+    adapter = SURAdapter.from_params(params.adapter, width).eval()
+    adapter_dir = out_dir / "adapter"
+    adapter.save_pretrained(adapter_dir)
+    reloaded = SURAdapter.from_pretrained(adapter_dir).eval()
+    path = AdaptedTextPath.from_pipeline(pipeline, adapter)
+    embeds = path.encode(list(DEMO_PROMPTS))
+    reloaded_embeds = AdaptedTextPath.from_pipeline(pipeline, reloaded).encode(list(DEMO_PROMPTS))
+    if not torch.equal(embeds, reloaded_embeds):
+        raise RuntimeError(f"adapter saved to {adapter_dir} does not reload bit-exactly")
+    console.print(f"[green]✓[/] adapter ({params.adapter.mode}) saved and reloaded: {adapter_dir}")
+
+    images = _side_by_side(pipeline, path, params.seed, DEMO_PROMPTS[0])
+    for name, image in images.items():
+        image.save(out_dir / f"{name}.png")
+    console.print(f"[green]✓[/] adapted text path through StableDiffusionPipeline: {out_dir}/*.png")
+
+    info = {
+        "profile": params.profile,
+        "base_model": params.base_model.id,
+        "adapter": {k: str(v) for k, v in describe_adapter(adapter).items()},
+        "prompt_embeds_shape": list(embeds.shape),
+        "images": sorted(f"{name}.png" for name in images),
+    }
+    (out_dir / "summary.json").write_text(json.dumps(info, indent=2))
+    return f"main job done on profile '{params.profile}': {out_dir / 'summary.json'}"
+
+
+def _side_by_side(pipeline, path: AdaptedTextPath, seed: int, prompt: str) -> dict:
+    """Generate `prompt` with the base text path and the adapted one, same seed."""
+    size = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    common = dict(num_inference_steps=DEMO_STEPS, height=size, width=size, output_type="pil")
+    base = pipeline(prompt=prompt, generator=torch.Generator().manual_seed(seed), **common)
+    adapted = pipeline(
+        **path.pipeline_embeds([prompt]), generator=torch.Generator().manual_seed(seed), **common
+    )
+    return {"base": base.images[0], "adapted": adapted.images[0]}

@@ -1,0 +1,105 @@
+"""Small CLIP-style BPE tokenizers trained on a corpus, for the tiny and shapes base models.
+
+No installed package ships CLIP's BPE vocabulary, and the real one (49,408 tokens) would
+dominate a tiny text encoder. So we train byte-level BPE merges with `tokenizers` on the
+world's own corpus and lay the result out exactly as CLIP does: the 256 byte symbols, the
+same with `</w>`, the learned merges in order, then `<|startoftext|>` and `<|endoftext|>`.
+`CLIPTokenizer.from_pretrained(folder)` then loads it like any CLIP tokenizer; words the
+corpus never saw still split into byte pieces, never into `<|endoftext|>`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+from transformers import CLIPTokenizer
+
+BOS = "<|startoftext|>"
+EOS = "<|endoftext|>"
+END_OF_WORD = "</w>"
+# CLIP's word split: contractions, letter runs, single digits, punctuation runs.
+CLIP_WORD_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """Map each byte to a printable unicode symbol, in GPT-2/CLIP order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += range(ord("®"), ord("ÿ") + 1)
+    symbols = {byte: chr(byte) for byte in printable}
+    extra = 0
+    for byte in range(256):
+        if byte not in symbols:
+            symbols[byte] = chr(256 + extra)
+            extra += 1
+    return dict(sorted(symbols.items(), key=lambda kv: (kv[0] not in printable, kv[0])))
+
+
+def learn_bpe_merges(corpus: Iterable[str], num_merges: int, min_frequency: int = 2) -> list[str]:
+    """Learn up to `num_merges` CLIP-style BPE merges (`"a b"` strings) from `corpus`."""
+    byte_symbols = list(bytes_to_unicode().values())
+    tokenizer = Tokenizer(models.BPE(end_of_word_suffix=END_OF_WORD))
+    tokenizer.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(CLIP_WORD_PATTERN), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=2 * len(byte_symbols) + num_merges,
+        min_frequency=min_frequency,
+        initial_alphabet=byte_symbols,
+        end_of_word_suffix=END_OF_WORD,
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(list(corpus), trainer)
+    merges = json.loads(tokenizer.to_str())["model"]["merges"]
+    return [" ".join(pair) for pair in merges[:num_merges]]
+
+
+def write_clip_tokenizer(merges: list[str], out_dir: str | Path, model_max_length: int) -> Path:
+    """Write `vocab.json`, `merges.txt` and configs for a CLIP tokenizer; return the folder."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    symbols = list(bytes_to_unicode().values())
+    tokens = symbols + [s + END_OF_WORD for s in symbols]
+    tokens += [merge.replace(" ", "") for merge in merges]
+    tokens += [BOS, EOS]
+    vocab = {token: index for index, token in enumerate(dict.fromkeys(tokens))}
+    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": model_max_length,
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "unk_token": EOS,
+        "pad_token": EOS,
+        "do_lower_case": True,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+def build_clip_tokenizer(
+    corpus: Iterable[str],
+    out_dir: str | Path,
+    num_merges: int,
+    model_max_length: int,
+    min_frequency: int = 2,
+) -> CLIPTokenizer:
+    """Train merges on `corpus`, write them to `out_dir` and load them as a `CLIPTokenizer`.
+
+    Raises RuntimeError if the loaded tokenizer lost the vocabulary (a transformers-5 pitfall).
+    """
+    merges = learn_bpe_merges(corpus, num_merges, min_frequency)
+    folder = write_clip_tokenizer(merges, out_dir, model_max_length)
+    tokenizer = CLIPTokenizer.from_pretrained(folder)
+    if tokenizer.vocab_size <= 2 * len(bytes_to_unicode()):
+        raise RuntimeError(f"tokenizer in {folder} loaded without its vocabulary")
+    return tokenizer

@@ -1,0 +1,111 @@
+"""Typed params: profiles load, bad keys name key and file, every field is described."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from suradapter.config import Params, ParamsError, load_params
+
+
+@pytest.fixture
+def params_copy(tmp_path, repo_root):
+    shutil.copy(repo_root / "params.yaml", tmp_path / "params.yaml")
+    shutil.copytree(repo_root / "configs", tmp_path / "configs")
+    return tmp_path / "params.yaml"
+
+
+def _edit(path, change):
+    data = yaml.safe_load(path.read_text())
+    change(data)
+    path.write_text(yaml.safe_dump(data))
+
+
+@pytest.mark.parametrize("profile", ["shapes", "tiny", "sd15"])
+def test_every_profile_loads(params_path, profile):
+    params = load_params(params_path, profile=profile)
+    assert params.profile == profile
+
+
+def test_overlay_changes_only_what_it_names(params_path):
+    shapes, tiny = load_params(params_path), load_params(params_path, profile="tiny")
+    assert shapes.profile == "shapes"
+    assert tiny.adapter.ff_dim != shapes.adapter.ff_dim
+    assert tiny.loss == shapes.loss
+
+
+def test_profile_from_environment(params_path, monkeypatch):
+    monkeypatch.setenv("SUR_PROFILE", "sd15")
+    assert load_params(params_path).base_model.dtype == "float16"
+
+
+def test_unknown_key_names_key_file_and_suggestion(params_copy):
+    _edit(params_copy, lambda d: d["adapter"].update(adaptor_weight=0.2))
+    with pytest.raises(ParamsError) as err:
+        load_params(params_copy)
+    message = str(err.value)
+    assert "adapter.adaptor_weight" in message and str(params_copy) in message
+    assert "did you mean 'adapter_weight'" in message
+
+
+def test_mistyped_value_names_key_and_file(params_copy):
+    _edit(params_copy, lambda d: d["adapter"].update(depth="two"))
+    with pytest.raises(ParamsError, match=r"params.yaml: key 'adapter.depth'"):
+        load_params(params_copy)
+
+
+def test_bad_key_in_an_overlay_names_the_overlay(params_copy):
+    overlay = params_copy.parent / "configs" / "tiny.yaml"
+    _edit(overlay, lambda d: d.update(loss={"denoise": {"gradiant": 1}}))
+    with pytest.raises(ParamsError) as err:
+        load_params(params_copy, profile="tiny")
+    assert "configs/tiny.yaml: unknown key 'loss.denoise.gradiant'" in str(err.value)
+
+
+def test_unknown_profile_lists_the_known_ones(params_path):
+    with pytest.raises(ParamsError, match="known profiles: shapes, sd15, tiny"):
+        load_params(params_path, profile="sdxl")
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+    (tmp_path / "params.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ParamsError, match="must be a mapping"):
+        load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("adapter: {depth: [\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(tmp_path / "params.yaml")
+
+
+def _models(model: type[BaseModel]):
+    yield model
+    for field in model.model_fields.values():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            yield from _models(field.annotation)
+
+
+def test_every_field_has_a_description():
+    missing = [
+        f"{model.__name__}.{name}"
+        for model in _models(Params)
+        for name, field in model.model_fields.items()
+        if not field.description
+    ]
+    assert missing == []
+
+
+def test_params_file_sets_every_field_explicitly(params_path):
+    """params.yaml is the complete default profile: nothing hides in code defaults."""
+    raw = yaml.safe_load(params_path.read_text())
+
+    def walk(model: type[BaseModel], data: dict, prefix: str):
+        for name, field in model.model_fields.items():
+            assert name in data, f"params.yaml lacks '{prefix}{name}'"
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                walk(field.annotation, data[name], f"{prefix}{name}.")
+
+    walk(Params, raw, "")

@@ -1,0 +1,75 @@
+"""Model zoo and tokenizer: tiny is seeded and offline, folders round-trip, the hub fails fast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import CLIPTokenizer
+
+from suradapter.model.tokenizer import bytes_to_unicode, learn_bpe_merges, write_clip_tokenizer
+from suradapter.model.zoo import BaseModelNotFoundError, builtin_corpus, load_base_pipeline
+
+
+def test_tiny_is_seeded(tiny_pipeline):
+    again = load_base_pipeline("tiny", seed=0)
+    other = load_base_pipeline("tiny", seed=1)
+    pairs = zip(tiny_pipeline.unet.parameters(), again.unet.parameters(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+    assert not torch.equal(
+        tiny_pipeline.text_encoder.get_input_embeddings().weight,
+        other.text_encoder.get_input_embeddings().weight,
+    )
+
+
+def test_tiny_components_are_frozen(tiny_pipeline):
+    for module in (tiny_pipeline.text_encoder, tiny_pipeline.unet, tiny_pipeline.vae):
+        assert not module.training
+        assert not any(p.requires_grad for p in module.parameters())
+
+
+def test_tiny_tokenizer_is_a_real_clip_bpe(tiny_pipeline):
+    tokenizer = tiny_pipeline.tokenizer
+    assert isinstance(tokenizer, CLIPTokenizer)
+    assert tokenizer.vocab_size > 512  # bytes, bytes + </w>, and learned merges
+    ids = tokenizer("Three RED circles").input_ids
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    assert tokens == ["<|startoftext|>", "three</w>", "red</w>", "circles</w>", "<|endoftext|>"]
+    unseen = tokenizer.convert_ids_to_tokens(tokenizer("zxq").input_ids)[1:-1]
+    assert unseen and tokenizer.eos_token not in unseen and "".join(unseen) == "zxq</w>"
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
+    assert tokenizer.model_max_length == tiny_pipeline.text_encoder.config.max_position_embeddings
+
+
+def test_clip_layout_and_determinism(tmp_path):
+    corpus = builtin_corpus("tiny")
+    merges = learn_bpe_merges(corpus, 50, min_frequency=1)
+    assert merges == learn_bpe_merges(corpus, 50, min_frequency=1)
+    folder = write_clip_tokenizer(merges, tmp_path, model_max_length=16)
+    tokenizer = CLIPTokenizer.from_pretrained(folder)
+    symbols = list(bytes_to_unicode().values())
+    vocab = tokenizer.get_vocab()
+    assert [vocab[s] for s in symbols[:3]] == [0, 1, 2]
+    assert vocab[symbols[0] + "</w>"] == 256
+    assert (tmp_path / "merges.txt").read_text().startswith("#version: 0.2\n")
+
+
+def test_local_folder_round_trip(tiny_pipeline, tmp_path):
+    tiny_pipeline.save_pretrained(tmp_path / "base")
+    loaded = load_base_pipeline(str(tmp_path / "base"))
+    assert loaded.tokenizer.vocab_size == tiny_pipeline.tokenizer.vocab_size
+    pairs = zip(tiny_pipeline.unet.parameters(), loaded.unet.parameters(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+
+
+def test_folder_that_is_not_a_model(tmp_path):
+    with pytest.raises(BaseModelNotFoundError, match=r"no model_index\.json"):
+        load_base_pipeline(str(tmp_path))
+
+
+def test_hub_id_offline_fails_at_once_saying_what_to_set(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BaseModelNotFoundError) as err:
+        load_base_pipeline("someone/not-a-cached-model")
+    message = str(err.value)
+    assert "HF_HUB_OFFLINE is set" in message
+    assert "base_model.id" in message and "local diffusers folder" in message
