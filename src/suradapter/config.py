@@ -111,6 +111,50 @@ class LossParams(StrictModel):
     )
 
 
+class ShapesParams(StrictModel):
+    num_samples: int = Field(4000, ge=1, description="Samples `sur shapes generate` writes.")
+    image_size: int = Field(32, ge=16, description="Side of the square renders, in pixels.")
+    counts: list[int] = Field([1, 2, 3], description="Object counts a scene may hold.")
+    colours: list[str] = Field(
+        ["red", "green", "blue", "yellow", "purple", "orange"],
+        description="Object colours (names from the shapes-world palette).",
+    )
+    shapes: list[str] = Field(
+        ["circle", "square", "triangle"], description="Object shapes (circle, square, triangle)."
+    )
+    object_size: tuple[int, int] = Field(
+        (8, 12), description="Min and max object side, in pixels (inclusive)."
+    )
+    min_gap: int = Field(2, ge=1, description="Minimum background pixels between two objects.")
+    held_out_combinations: int = Field(
+        8, ge=0, description="(count, colour, shape) combinations kept out of training."
+    )
+    held_out_templates: int = Field(
+        2, ge=0, description="Narrative templates kept out of training."
+    )
+    seed: int = Field(0, description="Seed of the renderer and of the held-out choice.")
+    output_dir: str = Field(
+        "data/raw/shapes", description="Where `sur shapes generate` writes the SURD folder."
+    )
+
+
+class PrepareParams(StrictModel):
+    source: str = Field(
+        "data/raw/shapes", description="SURD folder to ingest (metadata.jsonl beside images)."
+    )
+    output_dir: str = Field("data/prepared", description="Where the prepared dataset goes.")
+    resolution: int = Field(32, ge=8, description="Side images are normalised to, in pixels.")
+    min_image_size: int = Field(16, ge=1, description="Smaller source images are quarantined.")
+    max_prompt_chars: int = Field(
+        1000, ge=1, description="Longer narrative or keyword prompts are quarantined."
+    )
+    max_bad_fraction: float = Field(
+        0.2, ge=0.0, le=1.0, description="Fail the stage when more rows than this are bad."
+    )
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of rows in 'val'.")
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of rows in 'test'.")
+
+
 class Params(StrictModel):
     profile: str = Field("shapes", description="Active profile: tiny, shapes or sd15.")
     seed: int = Field(0, description="Global seed for stages that draw random numbers.")
@@ -121,6 +165,12 @@ class Params(StrictModel):
         default_factory=AdapterParams, description="SUR-adapter architecture."
     )
     loss: LossParams = Field(default_factory=LossParams, description="Training loss terms.")
+    shapes: ShapesParams = Field(
+        default_factory=ShapesParams, description="The procedurally rendered shapes world."
+    )
+    prepare: PrepareParams = Field(
+        default_factory=PrepareParams, description="SURD ingest, validation and split."
+    )
 
 
 def default_params_path() -> Path:
