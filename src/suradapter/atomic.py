@@ -1,0 +1,63 @@
+"""Crash-safe writes: build output beside its target, then rename it into place.
+
+A folder is replaced in two renames (target -> backup, staging -> target). If a crash lands
+between them, `recover_dir` restores the backup on the next run, so readers only ever see a
+complete old or a complete new folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+BACKUP_SUFFIX = ".previous"
+STAGING_SUFFIX = ".staging"
+
+
+def staging_dir(target: Path) -> Path:
+    """Return a fresh, empty staging folder beside `target` (an old one is removed)."""
+    staging = target.with_name(f"{target.name}{STAGING_SUFFIX}-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def recover_dir(target: Path) -> None:
+    """Undo a replacement interrupted between its two renames; drop stale staging folders."""
+    backup = target.with_name(target.name + BACKUP_SUFFIX)
+    if backup.exists():
+        if target.exists():
+            shutil.rmtree(backup)
+        else:
+            backup.rename(target)
+    for stale in target.parent.glob(f"{target.name}{STAGING_SUFFIX}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def replace_dir(staging: Path, target: Path) -> None:
+    """Move the complete `staging` folder to `target`, replacing what was there."""
+    backup = target.with_name(target.name + BACKUP_SUFFIX)
+    if target.exists():
+        target.rename(backup)
+    staging.rename(target)
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temp file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with temp.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    temp.replace(path)
+
+
+def link_or_copy(source: Path, destination: Path) -> None:
+    """Hard-link `source` to `destination`, copying when links are not possible."""
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)

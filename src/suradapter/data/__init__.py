@@ -1,0 +1,1 @@
+"""Data: SURD ingest and validation, the shapes world, the prepare stage."""
