@@ -49,3 +49,57 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     passed = len(reporter.stats.get("passed", [])) if reporter else 0
     if exitstatus == 0 and passed == 0:
         session.exitstatus = pytest.ExitCode.NO_TESTS_COLLECTED
+
+
+PROJECT_FILES = [
+    "dvc.yaml",
+    "params.yaml",
+    "configs",
+    "src/suradapter/data",
+    ".dvc/config",
+    ".dvcignore",
+]
+
+
+def set_param(repo: Path, section: str, key: str, value) -> None:
+    """Set `section.key` in the params.yaml of a project copy."""
+    import yaml
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params[section][key] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture
+def project_copy(tmp_path, repo_root):
+    """A git + DVC project holding this repo's pipeline files (120 shapes samples); and its env.
+
+    The copied code files only feed DVC's dependency hashes: `sur` runs the installed package.
+    """
+    import shutil
+    import subprocess
+    import sys
+
+    repo = tmp_path / "repo"
+    for item in PROJECT_FILES:
+        source, target = repo_root / item, repo / item
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, target)
+    set_param(repo, "shapes", "num_samples", 120)
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_AUTHOR_NAME": "test",
+        "GIT_AUTHOR_EMAIL": "test@example.invalid",
+        "GIT_COMMITTER_NAME": "test",
+        "GIT_COMMITTER_EMAIL": "test@example.invalid",
+    }
+    for var in ("SUR_PARAMS", "SUR_PROFILE"):
+        env.pop(var, None)
+    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+        subprocess.run(command, cwd=repo, env=env, check=True, capture_output=True)
+    return repo, env

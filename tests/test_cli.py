@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 
@@ -85,11 +84,15 @@ def test_convert_reference_rejects_a_bad_file(tmp_path, repo_root):
     assert result.returncode == 2 and "not a SUR-adapter state_dict" in result.stdout
 
 
-@pytest.mark.parametrize("profile", ["tiny"])
-def test_main_job_runs_on_a_profile(tmp_path, repo_root, profile):
-    result = sur("--profile", profile, "run", "--out-dir", str(tmp_path / "run"), cwd=repo_root)
+def test_main_job_runs_data_stages_then_the_text_path(project_copy):
+    repo, env = project_copy
+    result = sur("--profile", "tiny", "run", "--out-dir", "outputs/run", cwd=repo, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["profile"] == profile
-    assert (tmp_path / "run" / "adapted.png").is_file()
-    assert SURAdapter.from_pretrained(tmp_path / "run" / "adapter").config.mode == "fixed"
+    assert "samples prepared" in result.stdout
+    assert (repo / "data/prepared/manifest.parquet").is_file()
+    summary = json.loads((repo / "outputs/run/summary.json").read_text())
+    assert summary["profile"] == "tiny"
+    assert (repo / "outputs/run/adapted.png").is_file()
+    assert SURAdapter.from_pretrained(repo / "outputs/run/adapter").config.mode == "fixed"
+    again = sur("--profile", "tiny", "run", "--out-dir", "outputs/run", cwd=repo, env=env)
+    assert again.returncode == 0 and "Running stage" not in again.stdout + again.stderr

@@ -197,5 +197,43 @@ def test_missing_source_is_a_clear_error(tmp_path):
     with pytest.raises(SurdError, match="not a folder"):
         prepare_dataset(PARAMS, tmp_path / "nope", tmp_path / "out")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SurdError, match="no metadata.jsonl"):
+    with pytest.raises(SurdError, match=r"no metadata\.jsonl"):
         prepare_dataset(PARAMS, tmp_path / "empty", tmp_path / "out")
+
+
+def test_sur_prepare_cli_quarantines_and_summarises(messy_source, tmp_path, repo_root):
+    import os
+    import subprocess
+    import sys
+
+    params = tmp_path / "params.yaml"
+    text = (
+        (repo_root / "params.yaml")
+        .read_text()
+        .replace("max_bad_fraction: 0.2", "max_bad_fraction: 0.5")
+        .replace("max_prompt_chars: 1000", "max_prompt_chars: 200")
+    )
+    params.write_text(text)
+    out = tmp_path / "cli-prepared"
+    sur = str(Path(sys.executable).parent / "sur")
+    env = {**os.environ, "COLUMNS": "200"}
+    command = [
+        sur,
+        "--params",
+        str(params),
+        "prepare",
+        "--source",
+        str(messy_source),
+        "--out",
+        str(out),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "quarantined: missing_field" in result.stdout and "rows_read" in result.stdout
+    got = _quarantine(out)
+    assert {line: got.get(line) for line in EXPECTED_REASONS} == EXPECTED_REASONS
+    assert len(_manifest(out)) == 21
+    strict = text.replace("max_bad_fraction: 0.5", "max_bad_fraction: 0.1")
+    params.write_text(strict)
+    failed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert failed.returncode == 1 and "worst reasons" in failed.stdout

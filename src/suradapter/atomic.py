@@ -44,20 +44,12 @@ def replace_dir(staging: Path, target: Path) -> None:
     shutil.rmtree(backup, ignore_errors=True)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temp file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write `data` to `path` through a temp file and a rename (fsync'd when `durable`)."""
     temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with temp.open("wb") as handle:
         handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+        if durable:
+            handle.flush()
+            os.fsync(handle.fileno())
     temp.replace(path)
-
-
-def link_or_copy(source: Path, destination: Path) -> None:
-    """Hard-link `source` to `destination`, copying when links are not possible."""
-    try:
-        os.link(source, destination)
-    except OSError:
-        shutil.copy2(source, destination)

@@ -28,7 +28,9 @@ app = typer.Typer(
 params_app = typer.Typer(help="Inspect the typed params.", no_args_is_help=True)
 adapter_app = typer.Typer(help="Inspect and convert adapters.", no_args_is_help=True)
 app.add_typer(params_app, name="params")
+shapes_app = typer.Typer(help="The procedurally rendered shapes world.", no_args_is_help=True)
 app.add_typer(adapter_app, name="adapter")
+app.add_typer(shapes_app, name="shapes")
 console = Console()
 
 
@@ -128,6 +130,49 @@ def adapter_convert_reference(
         fail(str(err))
     adapter.save_pretrained(out_dir)
     console.print(f"wrote {out_dir} (mode=reference, eta={adapter_weight})")
+
+
+@shapes_app.command("generate")
+def shapes_generate(
+    ctx: typer.Context,
+    num: int | None = typer.Option(None, "--num", help="Samples (default: shapes.num_samples)."),
+    out: Path | None = typer.Option(None, "--out", help="Folder (default: shapes.output_dir)."),
+) -> None:
+    """Render the shapes world as a SURD folder (metadata.jsonl beside images)."""
+    from suradapter.data.shapes import generate_shapes_dataset
+
+    params = ctx.obj.load().shapes
+    folder = generate_shapes_dataset(params, Path(out or params.output_dir), num)
+    console.print(f"wrote {num or params.num_samples} samples to {folder}")
+
+
+@app.command("prepare")
+def prepare(
+    ctx: typer.Context,
+    source: Path | None = typer.Option(None, "--source", help="SURD folder (default: params)."),
+    out: Path | None = typer.Option(None, "--out", help="Output folder (default: params)."),
+) -> None:
+    """Validate a SURD folder into a Parquet manifest, normalised images and a quarantine."""
+    from suradapter.data.prepare import PrepareError, prepare_dataset
+    from suradapter.data.surd import SurdError
+
+    params = ctx.obj.load().prepare
+    try:
+        summary = prepare_dataset(params, source, out)
+    except (PrepareError, SurdError) as err:
+        fail(str(err), code=1)
+    _print_prepare_summary(summary.as_dict())
+
+
+def _print_prepare_summary(summary: dict) -> None:
+    table = Table(title="prepare", show_header=False)
+    for key in ("rows_read", "kept", "reused", "bad_fraction"):
+        table.add_row(key, str(summary[key]))
+    for reason, count in summary["quarantined"].items():
+        table.add_row(f"quarantined: {reason}", str(count))
+    for split, count in summary["splits"].items():
+        table.add_row(f"split: {split}", str(count))
+    console.print(table)
 
 
 @app.command("run")

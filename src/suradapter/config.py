@@ -203,7 +203,7 @@ def load_params(path: Path | str | None = None, profile: str | None = None) -> P
     if chosen != file_profile:
         overlay_path = profile_path(params_path, chosen)
         if not overlay_path.is_file():
-            known = ", ".join([file_profile, *available_profiles(params_path)])
+            known = ", ".join(dict.fromkeys([file_profile, *available_profiles(params_path)]))
             raise ParamsError(
                 f"profile '{chosen}': no overlay file {overlay_path} (known profiles: {known})"
             )

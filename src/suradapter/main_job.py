@@ -1,13 +1,18 @@
 """The main job (`sur run`): every stage that exists so far, on the active profile.
 
-Today that is: resolve the base model, build the adapter from params, save and reload it,
-and run the adapted text path through the standard pipeline beside the base model. Later
-stages (prepare, embed, train, evaluate, export, register) join this chain as they land.
+Today that is: the data stages through DVC (`dvc repro prepare`: generate the shapes world,
+prepare it; unchanged stages are skipped by DVC), then resolve the base model, build the
+adapter from params, save and reload it, and run the adapted text path through the standard
+pipeline beside the base model. Later stages (embed, train, evaluate, export, register) join
+this chain as they land.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -31,6 +36,12 @@ def run_main_job(params: Params, out_dir: Path, console: Console) -> str:
     Raises RuntimeError when a stage cannot run (the message says why).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
+    reproduce_stages(["prepare"], console)
+    prepared = json.loads((Path(params.prepare.output_dir) / "summary.json").read_text())
+    console.print(
+        f"[green]✓[/] data: {prepared['kept']} samples prepared "
+        f"({prepared['splits']}), {sum(prepared['quarantined'].values())} quarantined"
+    )
     with console.status("resolving base model"):
         try:
             pipeline = load_base_from_params(params.base_model)
@@ -64,6 +75,17 @@ def run_main_job(params: Params, out_dir: Path, console: Console) -> str:
     }
     (out_dir / "summary.json").write_text(json.dumps(info, indent=2))
     return f"main job done on profile '{params.profile}': {out_dir / 'summary.json'}"
+
+
+def reproduce_stages(stages: list[str], console: Console) -> None:
+    """Run `dvc repro` for `stages` in the current project. Raises RuntimeError on failure."""
+    dvc = Path(sys.executable).parent / "dvc"
+    command = [str(dvc if dvc.exists() else "dvc"), "repro", *stages]
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    console.print(f"[bold]$ {' '.join(['dvc', *command[1:]])}[/]")
+    result = subprocess.run(command, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"`dvc repro {' '.join(stages)}` failed (exit {result.returncode})")
 
 
 def _side_by_side(pipeline, path: AdaptedTextPath, seed: int, prompt: str) -> dict:

@@ -1,14 +1,19 @@
 """The prepare stage: SURD folder -> Parquet manifest, normalised images, split and quarantine.
 
 Output folder layout:
-  manifest.parquet   one row per kept sample (schema: `MANIFEST_SCHEMA`)
-  images/<id>.png    images normalised to the params resolution
-  quarantine.jsonl   rejected rows: line, reason, detail, raw text
-  summary.json       counts (rows read, kept, reused, quarantined by reason, per split)
+  manifest.parquet         one row per kept sample (schema: `MANIFEST_SCHEMA`)
+  images/<id>_<res>.png    images normalised to the params resolution, content-addressed
+  quarantine.jsonl         rejected rows: line, reason, detail, raw text
+  summary.json             counts (rows read, kept, reused, quarantined by reason, per split)
 
-The split is a pure function of the sample id, so adding rows never moves an existing row.
-Rows marked held out (shapes world) never go to `train`. Re-running reuses every image whose
-id was already prepared at the same resolution. The folder is replaced atomically.
+The split is a pure function of the sample id, so adding rows never moves an existing row;
+rows marked held out (shapes world) never go to `train`.
+
+Incremental and crash-safe: images are immutable and named by content hash and resolution,
+each written through a temp file and a rename, so a previous manifest never points at a
+changed or half-written image. The report files are staged and renamed into place with the
+manifest last; images no manifest refers to are pruned only after that. A source image whose
+size, mtime and texts match the previous run is neither re-read nor re-decoded.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,9 +33,10 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
-from suradapter.atomic import link_or_copy, recover_dir, replace_dir, staging_dir
+from suradapter.atomic import atomic_write_bytes
 from suradapter.config import PrepareParams
 from suradapter.data.surd import (
+    KnownImage,
     Quarantined,
     SurdSample,
     ValidationLimits,
@@ -40,8 +47,9 @@ from suradapter.data.surd import (
 MANIFEST_FILE = "manifest.parquet"
 QUARANTINE_FILE = "quarantine.jsonl"
 SUMMARY_FILE = "summary.json"
-REJECTED_QUARANTINE_SUFFIX = ".rejected-quarantine.jsonl"
 IMAGES_DIR = "images"
+STAGING_PREFIX = ".staging-"
+REJECTED_QUARANTINE_SUFFIX = ".rejected-quarantine.jsonl"
 SPLITS = ("train", "val", "test")
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -54,6 +62,9 @@ MANIFEST_SCHEMA = pa.schema(
         ("split", pa.string()),
         ("heldout", pa.string()),
         ("source_line", pa.int64()),
+        ("source_file", pa.string()),
+        ("source_size", pa.int64()),
+        ("source_mtime_ns", pa.int64()),
         ("attributes", pa.string()),
     ]
 )
@@ -114,78 +125,73 @@ def normalise_image(image_bytes: bytes, resolution: int) -> Image.Image:
     return image.resize((resolution, resolution), Image.Resampling.LANCZOS)
 
 
+def image_relpath(sample_id: str, resolution: int) -> str:
+    """Return the manifest's `image_path` of a sample at `resolution`."""
+    return f"{IMAGES_DIR}/{sample_id}_{resolution}.png"
+
+
 def prepare_dataset(
     params: PrepareParams, source: Path | None = None, out_dir: Path | None = None
 ) -> PrepareSummary:
     """Run the stage; return its summary. Raises PrepareError when too many rows are bad.
 
-    On error the previous output stays as it was.
+    On any error the previous manifest and the images it names stay as they were.
     """
     source = Path(source or params.source)
     out_dir = Path(out_dir or params.output_dir)
-    recover_dir(out_dir)
-    previous = _previous_samples(out_dir, params.resolution)
-    staging = staging_dir(out_dir)
+    (out_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(STAGING_PREFIX + "*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = out_dir / f"{STAGING_PREFIX}{os.getpid()}"
+    staging.mkdir()
     try:
-        summary = _build(params, source, out_dir, staging, previous)
+        summary, rows = _build(params, source, out_dir, staging)
         if summary.bad_fraction > params.max_bad_fraction:
             rejected = out_dir.with_name(out_dir.name + REJECTED_QUARANTINE_SUFFIX)
             shutil.copyfile(staging / QUARANTINE_FILE, rejected)
             raise PrepareError(_refusal(summary, params.max_bad_fraction, rejected))
-    except BaseException:
+        for name in (QUARANTINE_FILE, SUMMARY_FILE, MANIFEST_FILE):  # manifest last: the commit
+            os.replace(staging / name, out_dir / name)
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
-    replace_dir(staging, out_dir)
+    _prune_images(out_dir, {row["image_path"] for row in rows})
     return summary
 
 
 def _build(
-    params: PrepareParams,
-    source: Path,
-    out_dir: Path,
-    staging: Path,
-    previous: dict[str, tuple[int, int]],
-) -> PrepareSummary:
+    params: PrepareParams, source: Path, out_dir: Path, staging: Path
+) -> tuple[PrepareSummary, list[dict[str, Any]]]:
     limits = ValidationLimits(params.max_prompt_chars, params.min_image_size)
-    (staging / IMAGES_DIR).mkdir()
+    known = _previous_sources(out_dir, source)
+    existing = {f"{IMAGES_DIR}/{name}" for name in os.listdir(out_dir / IMAGES_DIR)}
     summary = PrepareSummary()
     rows: list[dict[str, Any]] = []
     with (staging / QUARANTINE_FILE).open("w", encoding="utf-8") as quarantine:
-        items = read_surd(source, limits, known=previous)
+        items = read_surd(source, limits, known=known)
         for item in tqdm(items, desc="prepare", unit="row", total=_count_lines(source)):
             summary.rows_read += 1
             if isinstance(item, Quarantined):
                 summary.quarantined[item.reason] += 1
                 quarantine.write(json.dumps(item.as_record(), ensure_ascii=False) + "\n")
                 continue
-            reused = _store_image(item, out_dir, staging, params.resolution, previous)
-            summary.reused += reused
             row = _manifest_row(item, params)
+            if row["image_path"] in existing:
+                summary.reused += 1
+            else:
+                _write_image(item, out_dir / row["image_path"], params.resolution)
             summary.kept += 1
             summary.splits[row["split"]] += 1
             rows.append(row)
-    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
-    pq.write_table(table, staging / MANIFEST_FILE)
-    summary_record = {**summary.as_dict(), "source": str(source), "resolution": params.resolution}
-    (staging / SUMMARY_FILE).write_text(json.dumps(summary_record, indent=2) + "\n")
-    return summary
+    pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), staging / MANIFEST_FILE)
+    record = {**summary.as_dict(), "source": str(source), "resolution": params.resolution}
+    (staging / SUMMARY_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return summary, rows
 
 
-def _store_image(
-    sample: SurdSample,
-    out_dir: Path,
-    staging: Path,
-    resolution: int,
-    previous: dict[str, tuple[int, int]],
-) -> bool:
-    """Write the normalised image into staging; return True when a previous one was reused."""
-    name = f"{IMAGES_DIR}/{sample.sample_id}.png"
-    old = out_dir / name
-    if sample.sample_id in previous and old.is_file():
-        link_or_copy(old, staging / name)
-        return True
-    normalise_image(sample.image_bytes, resolution).save(staging / name, format="PNG")
-    return False
+def _write_image(sample: SurdSample, path: Path, resolution: int) -> None:
+    buffer = io.BytesIO()
+    normalise_image(Path(sample.image_path).read_bytes(), resolution).save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue(), durable=False)
 
 
 def _manifest_row(sample: SurdSample, params: PrepareParams) -> dict[str, Any]:
@@ -194,32 +200,38 @@ def _manifest_row(sample: SurdSample, params: PrepareParams) -> dict[str, Any]:
         "sample_id": sample.sample_id,
         "text": sample.text,
         "prompt": sample.prompt,
-        "image_path": f"{IMAGES_DIR}/{sample.sample_id}.png",
+        "image_path": image_relpath(sample.sample_id, params.resolution),
         "width": sample.width,
         "height": sample.height,
-        "split": assign_split(
-            sample.sample_id, heldout, params.val_fraction, params.test_fraction
-        ),
+        "split": assign_split(sample.sample_id, heldout, params.val_fraction, params.test_fraction),
         "heldout": heldout,
         "source_line": sample.line,
+        "source_file": sample.file_name,
+        "source_size": sample.file_size,
+        "source_mtime_ns": sample.file_mtime_ns,
         "attributes": json.dumps(sample.attributes, sort_keys=True, ensure_ascii=False),
     }
 
 
-def _previous_samples(out_dir: Path, resolution: int) -> dict[str, tuple[int, int]]:
-    """Return id -> original (width, height) of a complete previous run at `resolution`."""
+def _previous_sources(out_dir: Path, source: Path) -> dict[str, KnownImage]:
+    """Return file_name -> what the previous run (of the same source) saw, or {}."""
     manifest, summary = out_dir / MANIFEST_FILE, out_dir / SUMMARY_FILE
     if not (manifest.is_file() and summary.is_file()):
         return {}
-    if json.loads(summary.read_text()).get("resolution") != resolution:
+    if json.loads(summary.read_text()).get("source") != str(source):
         return {}
-    table = pq.read_table(manifest, columns=["sample_id", "width", "height"]).to_pydict()
+    columns = ["source_file", "source_size", "source_mtime_ns", "text", "prompt", "sample_id"]
+    table = pq.read_table(manifest, columns=[*columns, "width", "height"]).to_pydict()
     return {
-        sample_id: (width, height)
-        for sample_id, width, height in zip(
-            table["sample_id"], table["width"], table["height"], strict=True
-        )
+        values[0]: KnownImage(*values[1:])
+        for values in zip(*(table[name] for name in [*columns, "width", "height"]), strict=True)
     }
+
+
+def _prune_images(out_dir: Path, keep: set[str]) -> None:
+    for name in os.listdir(out_dir / IMAGES_DIR):
+        if f"{IMAGES_DIR}/{name}" not in keep:
+            (out_dir / IMAGES_DIR / name).unlink(missing_ok=True)
 
 
 def _count_lines(source: Path) -> int:
@@ -231,6 +243,6 @@ def _refusal(summary: PrepareSummary, threshold: float, rejected: Path) -> str:
     worst = ", ".join(f"{reason} ({count})" for reason, count in summary.quarantined.most_common(3))
     return (
         f"{sum(summary.quarantined.values())} of {summary.rows_read} rows are bad "
-        f"({summary.bad_fraction:.1%} > max_bad_fraction {threshold:.0%}); worst reasons: {worst}. "
-        f"The previous output was left as it was; the rejected rows are in {rejected}."
+        f"({summary.bad_fraction:.1%} > max_bad_fraction {threshold:.0%}); worst reasons: "
+        f"{worst}. The previous output was left as it was; the rejected rows are in {rejected}."
     )

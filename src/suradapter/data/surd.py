@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
@@ -35,8 +37,10 @@ class SurdSample:
     sample_id: str
     text: str
     prompt: str
-    image_path: Path
-    image_bytes: bytes
+    image_path: str
+    file_name: str
+    file_size: int
+    file_mtime_ns: int
     width: int
     height: int
     attributes: dict[str, Any] = field(default_factory=dict)
@@ -53,6 +57,19 @@ class Quarantined:
 
     def as_record(self) -> dict[str, Any]:
         return {"line": self.line, "reason": self.reason, "detail": self.detail, "raw": self.raw}
+
+
+@dataclass(frozen=True)
+class KnownImage:
+    """What a previous run learned about one source image (to skip re-reading it)."""
+
+    file_size: int
+    file_mtime_ns: int
+    text: str
+    prompt: str
+    sample_id: str
+    width: int
+    height: int
 
 
 @dataclass(frozen=True)
@@ -81,20 +98,22 @@ def metadata_path(source: Path) -> Path:
 
 
 def read_surd(
-    source: Path, limits: ValidationLimits, known: Mapping[str, tuple[int, int]] | None = None
+    source: Path, limits: ValidationLimits, known: Mapping[str, KnownImage] | None = None
 ) -> Iterator[SurdSample | Quarantined]:
     """Yield one `SurdSample` or `Quarantined` per non-blank metadata line, in file order.
 
-    Exact duplicates (same content hash as an earlier good row) are quarantined. Images whose
-    sample id is in `known` (id -> (width, height), from a previous run) are not decoded again.
+    Exact duplicates (same content hash as an earlier good row) are quarantined. `known` maps
+    a row's `file_name` to what a previous run saw; when the file's size and mtime and the
+    row's texts still match, the image is neither read nor decoded again.
     """
     known = known or {}
+    root = os.path.realpath(source)
     seen: dict[str, int] = {}
     with metadata_path(source).open(encoding="utf-8", errors="replace") as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
-            result = _validate_line(source, number, line, limits, known)
+            result = _validate_line(source, root, number, line, limits, known)
             if isinstance(result, SurdSample):
                 first = seen.setdefault(result.sample_id, number)
                 if first != number:
@@ -114,27 +133,40 @@ def _quarantine(line: int, reason: str, detail: str, raw: str) -> Quarantined:
 
 def _validate_line(
     source: Path,
+    root: str,
     number: int,
     line: str,
     limits: ValidationLimits,
-    known: Mapping[str, tuple[int, int]],
+    known: Mapping[str, KnownImage],
 ) -> SurdSample | Quarantined:
     try:
         row = _parse_row(line, limits)
-        image_path = resolve_image(source, row["file_name"])
-        image_bytes = image_path.read_bytes()
-        sample_id = content_hash(row["text"], row["prompt"], image_bytes)
-        size = known.get(sample_id) or _decoded_size(image_path, limits.min_image_size)
+        image_path, stat = resolve_image(source, row["file_name"], root)
+        seen = known.get(row["file_name"])
+        if seen and (seen.file_size, seen.file_mtime_ns, seen.text, seen.prompt) == (
+            stat.st_size,
+            stat.st_mtime_ns,
+            row["text"],
+            row["prompt"],
+        ):
+            sample_id, width, height = seen.sample_id, seen.width, seen.height
+        else:
+            sample_id = content_hash(row["text"], row["prompt"], _read_bytes(image_path))
+            if seen and seen.sample_id == sample_id:  # touched, same content
+                width, height = seen.width, seen.height
+            else:
+                width, height = _decoded_size(image_path, limits.min_image_size)
     except _Rejected as rejected:
         return _quarantine(number, rejected.reason, rejected.detail, line)
-    width, height = size
     return SurdSample(
         line=number,
         sample_id=sample_id,
-        text=row["text"].strip(),
-        prompt=row["prompt"].strip(),
+        text=row["text"],
+        prompt=row["prompt"],
         image_path=image_path,
-        image_bytes=image_bytes,
+        file_name=row["file_name"],
+        file_size=stat.st_size,
+        file_mtime_ns=stat.st_mtime_ns,
         width=width,
         height=height,
         attributes={k: v for k, v in row.items() if k not in REQUIRED_FIELDS},
@@ -152,6 +184,7 @@ def _parse_row(line: str, limits: ValidationLimits) -> dict[str, Any]:
         value = row.get(name)
         if not isinstance(value, str) or not value.strip():
             raise _Rejected("missing_field", f"'{name}' is missing or empty")
+        row[name] = value.strip()
     for name in ("text", "prompt"):
         if len(row[name]) > limits.max_prompt_chars:
             detail = f"'{name}' has {len(row[name])} chars > {limits.max_prompt_chars}"
@@ -159,33 +192,47 @@ def _parse_row(line: str, limits: ValidationLimits) -> dict[str, Any]:
     return row
 
 
-def resolve_image(source: Path, file_name: str) -> Path:
-    """Return the image file for `file_name`, adding a missing extension when exactly one fits.
+def resolve_image(
+    source: Path, file_name: str, root: str | None = None
+) -> tuple[str, os.stat_result]:
+    """Return (path, stat) of the image for `file_name`, adding a missing extension when
+    exactly one image fits.
 
-    Raises _Rejected (image_missing or image_ambiguous) naming the file.
+    `root` is `realpath(source)` when the caller has it. Raises _Rejected (image_missing or
+    image_ambiguous) naming the file.
     """
-    root = source.resolve()
-    candidate = (root / file_name).resolve()
-    if not candidate.is_relative_to(root):
+    root = root or os.path.realpath(source)
+    candidate = os.path.normpath(os.path.join(root, file_name))
+    if not candidate.startswith(root + os.sep):
         raise _Rejected("image_missing", f"image '{file_name}' points outside {source}")
-    if candidate.is_file():
-        return candidate
-    if not candidate.suffix:
+    try:
+        stat = os.stat(candidate)
+        if S_ISREG(stat.st_mode):
+            return candidate, stat
+    except OSError:
+        pass
+    if not os.path.splitext(candidate)[1]:
         matches = sorted(
             path
-            for path in candidate.parent.glob(candidate.name + ".*")
+            for path in Path(candidate).parent.glob(Path(candidate).name + ".*")
             if path.suffix.lower() in IMAGE_SUFFIXES
         )
         if len(matches) == 1:
-            return matches[0]
+            return str(matches[0]), matches[0].stat()
         if matches:
             names = ", ".join(path.name for path in matches)
             raise _Rejected("image_ambiguous", f"image '{file_name}' matches {names}")
     raise _Rejected("image_missing", f"image '{file_name}' not found under {source}")
 
 
-def _decoded_size(path: Path, min_size: int) -> tuple[int, int]:
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def _decoded_size(path: str, min_size: int) -> tuple[int, int]:
     """Return (width, height) after a full decode. Raises _Rejected when it fails or is small."""
+    name = os.path.basename(path)
     try:
         with Image.open(path) as image:
             image.verify()
@@ -193,10 +240,10 @@ def _decoded_size(path: Path, min_size: int) -> tuple[int, int]:
             image.load()
             width, height = image.size
     except UnidentifiedImageError:
-        raise _Rejected("image_undecodable", f"'{path.name}' is not a readable image") from None
+        raise _Rejected("image_undecodable", f"'{name}' is not a readable image") from None
     except (OSError, SyntaxError, ValueError) as err:
         reason = "image_truncated" if "truncated" in str(err).lower() else "image_undecodable"
-        raise _Rejected(reason, f"'{path.name}': {err}") from None
+        raise _Rejected(reason, f"'{name}': {err}") from None
     if min(width, height) < min_size:
-        raise _Rejected("image_too_small", f"'{path.name}' is {width}x{height} < {min_size}px")
+        raise _Rejected("image_too_small", f"'{name}' is {width}x{height} < {min_size}px")
     return width, height

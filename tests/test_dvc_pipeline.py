@@ -1,0 +1,119 @@
+"""The real `dvc` CLI on the real dvc.yaml, in a temporary git repo: repro, no-op re-runs,
+param-scoped re-runs, and a push/pull round trip through a local S3 server (rclone serve s3)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+from conftest import set_param
+
+BIN = Path(sys.executable).parent
+
+
+def run(*args: str, cwd: Path, env: dict[str, str]) -> str:
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{' '.join(args)}\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+@pytest.fixture
+def dvc_repo(project_copy):
+    return project_copy
+
+
+def stages_run(output: str) -> set[str]:
+    return {name for name in ("generate_shapes", "prepare") if f"Running stage '{name}'" in output}
+
+
+def test_repro_noop_and_param_scoped_reruns(dvc_repo):
+    repo, env = dvc_repo
+    assert stages_run(run("dvc", "repro", cwd=repo, env=env)) == {"generate_shapes", "prepare"}
+    assert (repo / "data/prepared/manifest.parquet").is_file()
+    assert stages_run(run("dvc", "repro", cwd=repo, env=env)) == set()
+    assert "up to date" in run("dvc", "status", cwd=repo, env=env)
+    set_param(repo, "prepare", "val_fraction", 0.2)
+    assert stages_run(run("dvc", "repro", cwd=repo, env=env)) == {"prepare"}
+    set_param(repo, "shapes", "num_samples", 130)
+    assert stages_run(run("dvc", "repro", cwd=repo, env=env)) == {"generate_shapes", "prepare"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def s3_server(tmp_path):
+    """A real S3 endpoint on loopback: `rclone serve s3`, storing objects as files on disk."""
+    port = _free_port()
+    root = tmp_path / "s3root"
+    root.mkdir()
+    process = subprocess.Popen(
+        [
+            str(BIN / "rclone"),
+            "serve",
+            "s3",
+            "--addr",
+            f"127.0.0.1:{port}",
+            "--auth-key",
+            "testkey,testsecret",
+            str(root),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id="testkey",
+        aws_secret_access_key="testsecret",
+        region_name="us-east-1",
+    )
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            client.create_bucket(Bucket="dvc-store")
+            break
+        except Exception:
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.kill()
+                raise
+            time.sleep(0.1)
+    yield endpoint, client
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_push_pull_round_trip_through_s3(dvc_repo, s3_server):
+    repo, env = dvc_repo
+    endpoint, client = s3_server
+    env = {**env, "AWS_ACCESS_KEY_ID": "testkey", "AWS_SECRET_ACCESS_KEY": "testsecret"}
+    run("dvc", "remote", "add", "-d", "store", "s3://dvc-store/cache", cwd=repo, env=env)
+    run("dvc", "remote", "modify", "store", "endpointurl", endpoint, cwd=repo, env=env)
+    run("dvc", "repro", cwd=repo, env=env)
+    prepared = _digests(repo / "data/prepared")
+    run("dvc", "push", cwd=repo, env=env)
+    stored = client.list_objects_v2(Bucket="dvc-store", Prefix="cache/")
+    assert stored.get("KeyCount", 0) > 0
+    shutil.rmtree(repo / ".dvc/cache")
+    shutil.rmtree(repo / "data")
+    run("dvc", "pull", cwd=repo, env=env)
+    assert _digests(repo / "data/prepared") == prepared
