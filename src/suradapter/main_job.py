@@ -79,9 +79,10 @@ def run_main_job(params: Params, out_dir: Path, console: Console) -> str:
 
 def reproduce_stages(stages: list[str], console: Console) -> None:
     """Run `dvc repro` for `stages` in the current project. Raises RuntimeError on failure."""
-    dvc = Path(sys.executable).parent / "dvc"
-    command = [str(dvc if dvc.exists() else "dvc"), "repro", *stages]
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    bin_dir = Path(sys.executable).parent  # the stages run `sur`, from this environment
+    command = [str(bin_dir / "dvc"), "repro", *stages]
+    path = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "PATH": path, "DVC_NO_ANALYTICS": "1"}
     console.print(f"[bold]$ {' '.join(['dvc', *command[1:]])}[/]")
     result = subprocess.run(command, env=env)
     if result.returncode != 0:

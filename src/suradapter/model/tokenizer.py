@@ -10,13 +10,21 @@ corpus never saw still split into byte pieces, never into `<|endoftext|>`.
 
 from __future__ import annotations
 
+import gzip
 import json
+import subprocess
+import sys
+import tempfile
+import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import CLIPTokenizer
 
+CLIP_BPE_PACKAGE = "open-clip-torch==3.3.0"  # its wheel bundles OpenAI's CLIP BPE (MIT)
+CLIP_BPE_MEMBER = "open_clip/bpe_simple_vocab_16e6.txt.gz"
+CLIP_NUM_MERGES = 49152 - 256 - 2  # 49,408 tokens = 2 x 256 bytes + merges + 2 specials
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
 END_OF_WORD = "</w>"
@@ -103,3 +111,30 @@ def build_clip_tokenizer(
     if tokenizer.vocab_size <= 2 * len(bytes_to_unicode()):
         raise RuntimeError(f"tokenizer in {folder} loaded without its vocabulary")
     return tokenizer
+
+
+def clip_merges(bpe_gz: str | Path) -> list[str]:
+    """Return the real CLIP merges from OpenAI's `bpe_simple_vocab_16e6.txt.gz`."""
+    lines = gzip.decompress(Path(bpe_gz).read_bytes()).decode("utf-8").split("\n")
+    return lines[1 : CLIP_NUM_MERGES + 1]
+
+
+def fetch_clip_bpe(cache_dir: Path) -> Path:
+    """Return CLIP's BPE file, taken from the open-clip-torch wheel on PyPI on first use.
+
+    Only the wheel is downloaded (no dependencies, nothing installed). Raises RuntimeError
+    when pip cannot fetch it.
+    """
+    target = cache_dir / Path(CLIP_BPE_MEMBER).name
+    if target.is_file():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as folder:
+        command = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", folder]
+        result = subprocess.run([*command, CLIP_BPE_PACKAGE], capture_output=True, text=True)
+        wheels = list(Path(folder).glob("*.whl"))
+        if result.returncode != 0 or not wheels:
+            raise RuntimeError(f"could not download {CLIP_BPE_PACKAGE}: {result.stderr[-500:]}")
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            target.write_bytes(wheel.read(CLIP_BPE_MEMBER))
+    return target
