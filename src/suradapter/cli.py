@@ -175,6 +175,24 @@ def _print_prepare_summary(summary: dict) -> None:
     console.print(table)
 
 
+@app.command("bootstrap-base")
+def bootstrap_base_command(
+    ctx: typer.Context,
+    max_steps: int | None = typer.Option(
+        None, "--max-steps", help="Stop early (smoke runs); the LR schedule keeps params.steps."
+    ),
+) -> None:
+    """Train the shapes-world base model once (resumable) and write it with its provenance."""
+    import sys
+
+    from suradapter.train.bootstrap import bootstrap_base
+
+    params = ctx.obj.load()
+    command = " ".join(["sur", *sys.argv[1:]])
+    metrics = bootstrap_base(params, command, max_steps=max_steps)
+    console.print_json(data=metrics)
+
+
 @app.command("run")
 def run(
     ctx: typer.Context,

@@ -155,6 +155,43 @@ class PrepareParams(StrictModel):
     test_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of rows in 'test'.")
 
 
+class BootstrapParams(StrictModel):
+    output_dir: str = Field(
+        "models/shapes-base", description="Where the shipped base model (diffusers folder) goes."
+    )
+    checkpoint_dir: str = Field(
+        ".sur/bootstrap", description="Resumable training state (not shipped)."
+    )
+    num_renders: int = Field(100000, ge=1, description="Training renders (keyword prompts only).")
+    text_hidden_size: int = Field(64, ge=8, description="Width of the CLIP-style text encoder.")
+    text_layers: int = Field(3, ge=1, description="Transformer layers of the text encoder.")
+    text_heads: int = Field(4, ge=1, description="Attention heads of the text encoder.")
+    text_max_length: int = Field(32, ge=8, description="Token positions of the text encoder.")
+    unet_channels: list[int] = Field([64, 128], description="UNet block_out_channels.")
+    unet_heads: int = Field(4, ge=1, description="UNet attention heads (4x4 level only).")
+    pixel_factor: int = Field(4, ge=1, description="Pixel-unshuffle factor of the fixed VAE.")
+    batch_size: int = Field(32, ge=1, description="Training batch size.")
+    steps: int = Field(12000, ge=1, description="Optimiser steps.")
+    learning_rate: float = Field(5e-4, gt=0, description="Peak AdamW learning rate.")
+    warmup_steps: int = Field(300, ge=0, description="Linear warm-up steps.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decay floor, x peak LR.")
+    ema_decay: float = Field(0.999, ge=0, lt=1, description="EMA decay (EMA weights ship).")
+    caption_dropout: float = Field(0.1, ge=0, lt=1, description="Share of empty captions.")
+    snr_gamma: float = Field(5.0, gt=0, description="Min-SNR weighting gamma (v-prediction).")
+    checkpoint_every: int = Field(500, ge=1, description="Steps between resumable checkpoints.")
+    log_every: int = Field(50, ge=1, description="Steps between training-log lines.")
+    seed: int = Field(0, description="Seed of renders, init, noise and dropout.")
+
+
+class SamplingParams(StrictModel):
+    steps: int = Field(20, ge=1, description="DDIM steps when sampling the shapes base.")
+    guidance_candidates: list[float] = Field(
+        [1.0, 1.5, 2.0], description="Guidance scales tuned on the validation prompts."
+    )
+    images_per_prompt: int = Field(8, ge=1, description="Images per prompt when scoring.")
+    seed: int = Field(1234, description="Sampling seed for validation; test uses seed + 1.")
+
+
 class Params(StrictModel):
     profile: str = Field("shapes", description="Active profile: tiny, shapes or sd15.")
     seed: int = Field(0, description="Global seed for stages that draw random numbers.")
@@ -170,6 +207,13 @@ class Params(StrictModel):
     )
     prepare: PrepareParams = Field(
         default_factory=PrepareParams, description="SURD ingest, validation and split."
+    )
+    bootstrap: BootstrapParams = Field(
+        default_factory=BootstrapParams, description="Training the shipped shapes base model."
+    )
+    sampling: SamplingParams = Field(
+        default_factory=SamplingParams,
+        description="Sampling and oracle scoring in the shapes world.",
     )
 
 

@@ -24,6 +24,7 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+import suradapter.model.pixel_vae  # noqa: F401  (lets diffusers load PixelUnshuffleVAE folders)
 from suradapter.config import BaseModelParams
 from suradapter.model.tokenizer import build_clip_tokenizer
 

@@ -1,0 +1,1 @@
+"""Evaluation: oracle scoring, embedding alignment, gates and reports."""

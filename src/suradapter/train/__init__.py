@@ -1,0 +1,1 @@
+"""Training: the shipped shapes base model (bootstrap) and the SUR-adapter."""
