@@ -56,6 +56,7 @@ PROJECT_FILES = [
     "params.yaml",
     "configs",
     "src/suradapter/data",
+    "src/suradapter/teacher",
     ".dvc/config",
     ".dvcignore",
 ]

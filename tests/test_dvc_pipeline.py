@@ -30,19 +30,24 @@ def dvc_repo(project_copy):
 
 
 def stages_run(output: str) -> set[str]:
-    return {name for name in ("generate_shapes", "prepare") if f"Running stage '{name}'" in output}
+    stages = ("generate_shapes", "prepare", "embed")
+    return {name for name in stages if f"Running stage '{name}'" in output}
 
 
 def test_repro_noop_and_param_scoped_reruns(dvc_repo):
     repo, env = dvc_repo
-    assert stages_run(run("dvc", "repro", cwd=repo, env=env)) == {"generate_shapes", "prepare"}
+    every = {"generate_shapes", "prepare", "embed"}
+    assert stages_run(run("dvc", "repro", cwd=repo, env=env)) == every
     assert (repo / "data/prepared/manifest.parquet").is_file()
+    assert list((repo / "data/teacher_cache").glob("*/shards/*.safetensors"))
     assert stages_run(run("dvc", "repro", cwd=repo, env=env)) == set()
     assert "up to date" in run("dvc", "status", cwd=repo, env=env)
-    set_param(repo, "prepare", "val_fraction", 0.2)
-    assert stages_run(run("dvc", "repro", cwd=repo, env=env)) == {"prepare"}
+    set_param(repo, "embed", "batch_size", 32)
+    assert stages_run(run("dvc", "repro", cwd=repo, env=env)) == {"embed"}
+    set_param(repo, "prepare", "val_fraction", 0.2)  # a new manifest: embed re-checks it
+    assert stages_run(run("dvc", "repro", cwd=repo, env=env)) == {"prepare", "embed"}
     set_param(repo, "shapes", "num_samples", 130)
-    assert stages_run(run("dvc", "repro", cwd=repo, env=env)) == {"generate_shapes", "prepare"}
+    assert stages_run(run("dvc", "repro", cwd=repo, env=env)) == every
 
 
 def _free_port() -> int:
@@ -110,6 +115,7 @@ def test_push_pull_round_trip_through_s3(dvc_repo, s3_server):
     run("dvc", "remote", "modify", "store", "endpointurl", endpoint, cwd=repo, env=env)
     run("dvc", "repro", cwd=repo, env=env)
     prepared = _digests(repo / "data/prepared")
+    features = _digests(repo / "data/teacher_cache")
     run("dvc", "push", cwd=repo, env=env)
     stored = client.list_objects_v2(Bucket="dvc-store", Prefix="cache/")
     assert stored.get("KeyCount", 0) > 0
@@ -117,3 +123,4 @@ def test_push_pull_round_trip_through_s3(dvc_repo, s3_server):
     shutil.rmtree(repo / "data")
     run("dvc", "pull", cwd=repo, env=env)
     assert _digests(repo / "data/prepared") == prepared
+    assert _digests(repo / "data/teacher_cache") == features

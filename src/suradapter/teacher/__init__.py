@@ -1,0 +1,1 @@
+"""The teacher: offline LLM feature extraction and its content-addressed cache."""

