@@ -209,6 +209,24 @@ def embed(
     console.print(table)
 
 
+@app.command("train")
+def train(ctx: typer.Context) -> None:
+    """Train the SUR-adapter on the frozen base (Accelerate; resumable; tracked in MLflow)."""
+    import pyarrow.parquet as pq
+
+    from suradapter.train.track import train_with_tracking
+
+    params = ctx.obj.load()
+    table = pq.read_table(params.embed.manifest, columns=["text", "split"]).to_pylist()
+    grid_prompts = [row["text"] for row in table if row["split"] == "val"]
+    result = train_with_tracking(params, grid_prompts[: params.train.grid_prompts])
+    last = result.log[-1] if result.log else {}
+    console.print(
+        f"adapter saved to {result.output_dir} after {result.steps} steps "
+        f"({result.seconds:.0f} s this session); last loss {last.get('total', float('nan')):.4f}"
+    )
+
+
 @app.command("bootstrap-base")
 def bootstrap_base_command(
     ctx: typer.Context,

@@ -182,6 +182,39 @@ class EmbedParams(StrictModel):
     cache_dir: str = Field("data/teacher_cache", description="Root of the feature cache.")
 
 
+class TrainParams(StrictModel):
+    output_dir: str = Field("outputs/adapter", description="Where the trained adapter is saved.")
+    checkpoint_dir: str = Field(".sur/train", description="Resumable Accelerate state.")
+    max_steps: int = Field(1000, ge=1, description="Optimiser steps.")
+    batch_size: int = Field(32, ge=1, description="Samples per process per micro-step.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-steps per update.")
+    learning_rate: float = Field(1e-3, gt=0, description="Peak AdamW learning rate.")
+    lr_scheduler: Literal["constant", "cosine"] = Field(
+        "cosine", description="After warm-up: constant, or cosine decay to 10% of the peak."
+    )
+    warmup_steps: int = Field(50, ge=0, description="Linear warm-up steps.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field(
+        "no", description="Accelerate mixed precision (GPU); 'no' on CPU."
+    )
+    caption_dropout: float = Field(
+        0.1, ge=0, lt=1, description="Share of samples trained on the empty prompt."
+    )
+    checkpoint_every: int = Field(250, ge=1, description="Steps between save_state calls.")
+    log_every: int = Field(25, ge=1, description="Steps between logged metrics.")
+    seed: int = Field(0, description="Seed of batches, noise, timesteps and dropout.")
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI; null = $MLFLOW_TRACKING_URI, else a local SQLite "
+        "store in .sur/mlflow.db.",
+    )
+    experiment: str = Field("sur-adapter", description="MLflow experiment name.")
+    grid_prompts: int = Field(
+        6, ge=1, description="Narrative prompts in the logged base-vs-adapter image grid."
+    )
+
+
 class BootstrapParams(StrictModel):
     output_dir: str = Field(
         "models/shapes-base", description="Where the shipped base model (diffusers folder) goes."
@@ -212,6 +245,12 @@ class BootstrapParams(StrictModel):
 
 class SamplingParams(StrictModel):
     steps: int = Field(20, ge=1, description="DDIM steps when sampling the shapes base.")
+    guidance: float = Field(
+        1.0,
+        ge=0,
+        description="Guidance scale for generation and evaluation; tuned by bootstrap-base on "
+        "validation prompts (see models/shapes-base/metrics.json).",
+    )
     guidance_candidates: list[float] = Field(
         [1.0, 1.5, 2.0], description="Guidance scales tuned on the validation prompts."
     )
@@ -237,6 +276,9 @@ class Params(StrictModel):
     )
     embed: EmbedParams = Field(
         default_factory=EmbedParams, description="The offline LLM (teacher) feature cache."
+    )
+    train: TrainParams = Field(
+        default_factory=TrainParams, description="SUR-adapter training (Accelerate)."
     )
     bootstrap: BootstrapParams = Field(
         default_factory=BootstrapParams, description="Training the shipped shapes base model."

@@ -1,25 +1,31 @@
-"""Small CLIP-style BPE tokenizers trained on a corpus, for the tiny and shapes base models.
+"""CLIP-style BPE tokenizers: small ones learned from a corpus, and the real CLIP vocabulary.
 
-No installed package ships CLIP's BPE vocabulary, and the real one (49,408 tokens) would
-dominate a tiny text encoder. So we train byte-level BPE merges with `tokenizers` on the
+Tiny models: no installed package ships CLIP's BPE vocabulary, and the real one (49,408
+tokens) would dominate a tiny text encoder, so we learn byte-level BPE merges on the
 world's own corpus and lay the result out exactly as CLIP does: the 256 byte symbols, the
 same with `</w>`, the learned merges in order, then `<|startoftext|>` and `<|endoftext|>`.
 `CLIPTokenizer.from_pretrained(folder)` then loads it like any CLIP tokenizer; words the
 corpus never saw still split into byte pieces, never into `<|endoftext|>`.
+
+The shapes base model uses the real CLIP merges, taken from the open-clip-torch wheel on
+PyPI (`fetch_clip_bpe`), in the same layout, so narrative words get real tokens.
 """
 
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import subprocess
 import sys
 import tempfile
+import unicodedata
 import zipfile
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+import regex
 from transformers import CLIPTokenizer
 
 CLIP_BPE_PACKAGE = "open-clip-torch==3.3.0"  # its wheel bundles OpenAI's CLIP BPE (MIT)
@@ -29,7 +35,7 @@ BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
 END_OF_WORD = "</w>"
 # CLIP's word split: contractions, letter runs, single digits, punctuation runs.
-CLIP_WORD_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+CLIP_WORD_REGEX = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""")
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -46,28 +52,46 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 def learn_bpe_merges(corpus: Iterable[str], num_merges: int, min_frequency: int = 2) -> list[str]:
-    """Learn up to `num_merges` CLIP-style BPE merges (`"a b"` strings) from `corpus`."""
-    byte_symbols = list(bytes_to_unicode().values())
-    tokenizer = Tokenizer(models.BPE(end_of_word_suffix=END_OF_WORD))
-    tokenizer.normalizer = normalizers.Sequence(
-        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
-    )
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(CLIP_WORD_PATTERN), behavior="removed", invert=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    trainer = trainers.BpeTrainer(
-        vocab_size=2 * len(byte_symbols) + num_merges,
-        min_frequency=min_frequency,
-        initial_alphabet=byte_symbols,
-        end_of_word_suffix=END_OF_WORD,
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(list(corpus), trainer)
-    merges = json.loads(tokenizer.to_str())["model"]["merges"]
-    return [" ".join(pair) for pair in merges[:num_merges]]
+    """Learn up to `num_merges` CLIP-style BPE merges (`"a b"` strings) from `corpus`.
+
+    Classic BPE over CLIP's pre-tokenisation (lower-cased, NFC, CLIP's word pattern, bytes as
+    symbols, `</w>` on the last symbol). Ties go to the lexicographically smallest pair, so the
+    result is the same in every process. (`tokenizers`' trainer breaks ties by hash order,
+    which differs between processes: a tiny model's vocabulary would change run to run.)
+    """
+    symbols_of = bytes_to_unicode()
+    words: Counter[tuple[str, ...]] = Counter()
+    for line in corpus:
+        for word in CLIP_WORD_REGEX.findall(unicodedata.normalize("NFC", line).lower()):
+            symbols = [symbols_of[byte] for byte in word.encode("utf-8")]
+            words[(*symbols[:-1], symbols[-1] + END_OF_WORD)] += 1
+    merges: list[str] = []
+    while len(merges) < num_merges:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for word, count in words.items():
+            for pair in itertools.pairwise(word):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best, count = min(pairs.items(), key=lambda item: (-item[1], item[0]))
+        if count < min_frequency:
+            break
+        merges.append(" ".join(best))
+        words = Counter({_merge(word, best): count for word, count in words.items()})
+    return merges
+
+
+def _merge(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    merged: list[str] = []
+    index = 0
+    while index < len(word):
+        if index + 1 < len(word) and (word[index], word[index + 1]) == pair:
+            merged.append(word[index] + word[index + 1])
+            index += 2
+        else:
+            merged.append(word[index])
+            index += 1
+    return tuple(merged)
 
 
 def write_clip_tokenizer(merges: list[str], out_dir: str | Path, model_max_length: int) -> Path:

@@ -13,13 +13,10 @@ saved with `accelerator.save_state` every N steps, so a resumed run continues ex
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
-import re
 import shutil
-import subprocess
 import time
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -56,8 +53,9 @@ from suradapter.model.tokenizer import (
     fetch_clip_bpe,
     write_clip_tokenizer,
 )
+from suradapter.provenance import git_commit, sha256_file, write_checksums
+from suradapter.train.checkpoints import latest_checkpoint, read_log, save_checkpoint, write_log
 
-CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)$")
 TRAIN_LOG = "train_log.jsonl"
 TRAIN_TIMESTEPS = 1000
 
@@ -170,16 +168,6 @@ def lr_lambda(params: BootstrapParams):
     return factor
 
 
-def latest_checkpoint(folder: Path) -> tuple[int, Path | None]:
-    """Return (step, path) of the newest complete checkpoint in `folder`, or (0, None)."""
-    found = [
-        (int(match.group(1)), path)
-        for path in folder.glob("checkpoint-*")
-        if (match := CHECKPOINT_PATTERN.search(path.name)) and (path / "done").is_file()
-    ]
-    return max(found) if found else (0, None)
-
-
 def train_base_model(
     params: BootstrapParams, shapes: ShapesParams, max_steps: int | None = None
 ) -> tuple[StableDiffusionPipeline, list[dict]]:
@@ -209,7 +197,7 @@ def train_base_model(
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
     log_path = checkpoints / TRAIN_LOG
-    log = _read_log(log_path, up_to=start)
+    log = read_log(log_path, up_to=start)
     stop = min(params.steps, max_steps or params.steps)
     device = accelerator.device
     text_encoder.train()
@@ -232,9 +220,9 @@ def train_base_model(
             record["seconds"] = round(time.monotonic() - started, 1)
             log.append(record)
             progress.set_postfix(loss=f"{record['loss']:.4f}")
-            _write_log(log_path, log)
+            write_log(log_path, log)
         if done % params.checkpoint_every == 0 or done == stop:
-            _save_checkpoint(accelerator, checkpoints, done)
+            save_checkpoint(accelerator, checkpoints, done)
     ema_text.copy_to(text_encoder.parameters())
     ema_unet.copy_to(unet.parameters())
     pipeline = StableDiffusionPipeline(
@@ -277,33 +265,6 @@ def _training_loss(
     per_sample = F.mse_loss(prediction.float(), target, reduction="none").flatten(1).mean(1)
     snr = compute_snr(scheduler, timesteps)
     return (per_sample * min_snr_weights(snr, params.snr_gamma, "v_prediction")).mean()
-
-
-def _save_checkpoint(accelerator: Accelerator, folder: Path, step: int) -> None:
-    """Save state into checkpoint-<step>, mark it complete, keep only the newest two."""
-    target = folder / f"checkpoint-{step}"
-    accelerator.save_state(str(target))
-    (target / "done").write_text(str(step))
-    complete = sorted(
-        (int(m.group(1)), p)
-        for p in folder.glob("checkpoint-*")
-        if (m := CHECKPOINT_PATTERN.search(p.name))
-    )
-    for _, old in complete[:-2]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _read_log(path: Path, up_to: int) -> list[dict]:
-    if not path.is_file():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [record for record in records if record["step"] <= up_to]
-
-
-def _write_log(path: Path, log: list[dict]) -> None:
-    temp = path.with_suffix(".tmp")
-    temp.write_text("".join(json.dumps(record) + "\n" for record in log))
-    temp.replace(path)
 
 
 def save_base_model(pipeline: StableDiffusionPipeline, out_dir: Path, tokenizer_dir: Path) -> None:
@@ -365,14 +326,5 @@ def bootstrap_base(params: Params, command: str, max_steps: int | None = None) -
     (out_dir / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     shutil.copyfile(Path(params.bootstrap.checkpoint_dir) / TRAIN_LOG, out_dir / TRAIN_LOG)
+    write_checksums(out_dir)
     return metrics
-
-
-def git_commit() -> str:
-    """Return the current git commit, or 'unknown' outside a repository."""
-    result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
-    return result.stdout.strip() if result.returncode == 0 else "unknown"
-
-
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -1,0 +1,241 @@
+"""`sur train`: train the SUR-adapter on a frozen base model with Accelerate.
+
+One loop for CPU, one GPU, many GPUs and many nodes (`accelerate launch` / `torchrun`).
+Only the adapter (and, in fixed mode, its teacher projection) is trainable; the text encoder,
+UNet and VAE are frozen. Each step's randomness (batch rows, caption dropout, noise,
+timesteps, adapter dropout) is seeded from (seed, step, micro-step, rank), and the state is
+saved with `accelerator.save_state` every N steps, so a killed run resumes to the same
+weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers.training_utils import compute_snr
+from torch import nn
+from tqdm import tqdm
+
+from suradapter.config import Params
+from suradapter.model.adapter import SURAdapter
+from suradapter.model.losses import (
+    LossTerms,
+    alignment_loss,
+    combine_losses,
+    denoising_loss,
+    llm_distillation_loss,
+)
+from suradapter.model.zoo import load_base_from_params
+from suradapter.teacher.embed import open_cache
+from suradapter.train.checkpoints import latest_checkpoint, read_log, save_checkpoint, write_log
+from suradapter.train.data import AdapterBatch, AdapterTrainingData
+
+LOSS_LOG = "loss_log.jsonl"
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    seconds: float
+    log: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class FrozenParts:
+    """The frozen base: what the adapter's losses run through."""
+
+    text_encoder: nn.Module
+    unet: nn.Module
+    vae: nn.Module
+    noise_scheduler: DDPMScheduler
+
+    @property
+    def prediction_type(self) -> str:
+        return self.noise_scheduler.config.prediction_type
+
+
+def lr_factor(params: Params):
+    """Warm-up, then constant or cosine decay to 10% of the peak at max_steps."""
+    train = params.train
+
+    def factor(step: int) -> float:
+        if step < train.warmup_steps:
+            return (step + 1) / train.warmup_steps
+        if train.lr_scheduler == "constant":
+            return 1.0
+        progress = (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def reference_teacher_projection(teacher_dim: int, width: int, seed: int) -> nn.Linear:
+    """The reference's `llm_resize`: a frozen random projection (here seeded)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        projection = nn.Linear(teacher_dim, width)
+    return projection.requires_grad_(False)
+
+
+def step_loss(
+    params: Params,
+    adapter: nn.Module,
+    frozen: FrozenParts,
+    batch: AdapterBatch,
+    dropped: torch.Tensor,
+    generator: torch.Generator,
+    projection: nn.Module | None,
+) -> LossTerms:
+    """The three SUR-adapter losses for one batch (on the adapter's device)."""
+    device = batch.narrative_ids.device
+    with torch.no_grad():
+        narrative_states = frozen.text_encoder(batch.narrative_ids)[0].float()
+        keyword_states = frozen.text_encoder(batch.keyword_ids)[0].float()
+        latents = frozen.vae.encode(batch.pixels.to(frozen.vae.dtype)).latent_dist.sample()
+        latents = latents * frozen.vae.config.scaling_factor
+    out = adapter(narrative_states, batch.narrative_mask)
+    model = adapter.module if hasattr(adapter, "module") else adapter
+    teacher = batch.teacher.to(device)
+    target_teacher = (
+        model.project_teacher(teacher) if projection is None else projection(teacher)[:, None, :]
+    )
+    keep = (~dropped).to(device)[:, None].float()
+    token_mask = batch.narrative_mask.float() if not model.is_reference else 1.0
+    llm = llm_distillation_loss(
+        out.encoder_features, target_teacher, params.loss.llm_distill, keep * token_mask
+    )
+    align = alignment_loss(out.adapted, keyword_states, params.loss.alignment)
+    noise = torch.randn(latents.shape, generator=generator).to(device)
+    steps = frozen.noise_scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator).to(device)
+    noisy = frozen.noise_scheduler.add_noise(latents, noise, timesteps)
+    if frozen.prediction_type == "v_prediction":
+        target = frozen.noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    denoise = denoising_loss(
+        frozen.unet,
+        noisy.to(frozen.unet.dtype),
+        timesteps,
+        out.adapted,
+        target,
+        params.loss.denoise,
+        snr=compute_snr(frozen.noise_scheduler, timesteps),
+        prediction_type=frozen.prediction_type,
+    )
+    return combine_losses(params.loss, denoise, llm, align)
+
+
+def frozen_parts(pipeline: StableDiffusionPipeline, device: torch.device, dtype: torch.dtype):
+    for module in (pipeline.text_encoder, pipeline.unet, pipeline.vae):
+        module.requires_grad_(False).eval().to(device, dtype=dtype)
+    scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    return FrozenParts(pipeline.text_encoder, pipeline.unet, pipeline.vae, scheduler)
+
+
+def train_adapter(params: Params, on_log=None) -> TrainResult:
+    """Train (or resume) the adapter; save it with `save_pretrained`; return a summary.
+
+    `on_log(record)` is called on the main process for each logged step.
+    """
+    train = params.train
+    accelerator = Accelerator(
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        mixed_precision=train.mixed_precision,
+        project_dir=train.checkpoint_dir,
+    )
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        accelerator.mixed_precision, torch.float32
+    )
+    pipeline = load_base_from_params(params.base_model)
+    frozen = frozen_parts(pipeline, accelerator.device, weight_dtype)
+    width = pipeline.text_encoder.config.hidden_size
+    data = AdapterTrainingData(
+        Path(params.embed.manifest), pipeline.tokenizer, open_cache(params.embed)
+    )
+    teacher_dim = data.teacher.shape[1]
+    adapter_params = params.adapter.model_copy(update={"teacher_dim": teacher_dim})
+    adapter = SURAdapter.from_params(adapter_params, width)
+    projection = None
+    if adapter.is_reference:
+        seed = train.seed + 1
+        projection = reference_teacher_projection(teacher_dim, width, seed)
+        projection = projection.to(accelerator.device)
+    optimizer = torch.optim.AdamW(
+        adapter.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(params))
+    adapter, optimizer, schedule = accelerator.prepare(adapter, optimizer, schedule)
+
+    checkpoints = Path(train.checkpoint_dir)
+    start, resume_from = latest_checkpoint(checkpoints)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+    accelerator.print(
+        f"train: {accelerator.num_processes} process(es) on {accelerator.device}, "
+        f"starting at step {start} of {train.max_steps}"
+    )
+    log = read_log(checkpoints / LOSS_LOG, up_to=start)
+    adapter.train()
+    started = time.monotonic()
+    rank, accumulation = accelerator.process_index, train.gradient_accumulation_steps
+    progress = tqdm(
+        range(start, train.max_steps),
+        initial=start,
+        total=train.max_steps,
+        desc="train",
+        unit="step",
+        disable=not accelerator.is_local_main_process,
+    )
+    for step in progress:
+        for micro in range(accumulation):
+            seed = ((train.seed * 1_000_003 + step) * 64 + micro) * 1024 + rank
+            generator = torch.Generator().manual_seed(seed)
+            torch.manual_seed(seed)  # adapter dropout
+            rows = torch.randint(len(data), (train.batch_size,), generator=generator)
+            dropped = torch.rand(train.batch_size, generator=generator) < train.caption_dropout
+            batch = _to_device(data.batch(rows, dropped), accelerator.device)
+            with accelerator.accumulate(adapter):
+                terms = step_loss(params, adapter, frozen, batch, dropped, generator, projection)
+                accelerator.backward(terms.total)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(adapter.parameters(), train.max_grad_norm)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        if done % train.log_every == 0 or done == train.max_steps:
+            record = {"step": done, **terms.as_floats(), "lr": schedule.get_last_lr()[0]}
+            record["seconds"] = round(time.monotonic() - started, 2)
+            log.append(record)
+            progress.set_postfix(loss=f"{record['total']:.4f}")
+            if accelerator.is_main_process:
+                write_log(checkpoints / LOSS_LOG, log)
+                if on_log:
+                    on_log(record)
+        if done % train.checkpoint_every == 0 or done == train.max_steps:
+            save_checkpoint(accelerator, checkpoints, done)
+    accelerator.wait_for_everyone()
+    output_dir = Path(train.output_dir)
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(adapter).save_pretrained(output_dir)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return TrainResult(output_dir, train.max_steps, time.monotonic() - started, log)
+
+
+def _to_device(batch: AdapterBatch, device: torch.device) -> AdapterBatch:
+    return AdapterBatch(
+        narrative_ids=batch.narrative_ids.to(device),
+        narrative_mask=batch.narrative_mask.to(device),
+        keyword_ids=batch.keyword_ids.to(device),
+        pixels=batch.pixels.to(device),
+        teacher=batch.teacher.to(device),
+    )

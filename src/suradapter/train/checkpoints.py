@@ -1,0 +1,60 @@
+"""Resumable training state shared by the trainers: numbered Accelerate checkpoints and a log.
+
+A checkpoint folder counts only once its `done` marker exists, so a run killed while saving
+resumes from the previous complete one. The JSON-lines log is rewritten atomically and cut
+back to the resumed step, so it never holds steps that will be redone.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+from accelerate import Accelerator
+
+CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)$")
+DONE_MARKER = "done"
+KEEP_CHECKPOINTS = 2
+
+
+def _numbered(folder: Path) -> list[tuple[int, Path]]:
+    return sorted(
+        (int(match.group(1)), path)
+        for path in folder.glob("checkpoint-*")
+        if (match := CHECKPOINT_PATTERN.search(path.name))
+    )
+
+
+def latest_checkpoint(folder: Path) -> tuple[int, Path | None]:
+    """Return (step, path) of the newest complete checkpoint in `folder`, or (0, None)."""
+    complete = [(step, path) for step, path in _numbered(folder) if (path / DONE_MARKER).is_file()]
+    return complete[-1] if complete else (0, None)
+
+
+def save_checkpoint(accelerator: Accelerator, folder: Path, step: int) -> None:
+    """Save state into checkpoint-<step>, mark it complete, keep only the newest ones."""
+    target = folder / f"checkpoint-{step}"
+    accelerator.save_state(str(target))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (target / DONE_MARKER).write_text(str(step))
+        for _, old in _numbered(folder)[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def read_log(path: Path, up_to: int) -> list[dict]:
+    """The logged records with step <= `up_to` (what a resumed run keeps)."""
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [record for record in records if record["step"] <= up_to]
+
+
+def write_log(path: Path, log: list[dict]) -> None:
+    """Rewrite the JSON-lines log atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_suffix(".tmp")
+    temp.write_text("".join(json.dumps(record) + "\n" for record in log))
+    temp.replace(path)

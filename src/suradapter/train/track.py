@@ -1,0 +1,126 @@
+"""`sur train` with MLflow: params, per-step losses, loss curves, an image grid, lineage tags.
+
+Only the main process talks to MLflow. The tracking URI comes from params, else from
+`MLFLOW_TRACKING_URI`, else a local SQLite store (`.sur/mlflow.db`) until the stack's
+tracking server is up.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
+
+from suradapter.config import Params
+from suradapter.model.adapter import SURAdapter
+from suradapter.model.text_path import AdaptedTextPath
+from suradapter.model.zoo import load_base_from_params
+from suradapter.provenance import dvc_output_hashes, git_commit
+from suradapter.train.adapter import TrainResult, train_adapter
+
+LOCAL_STORE = Path(".sur/mlflow.db")
+LOSS_TERMS = ("total", "denoise", "llm_distill", "alignment")
+GRID_SCALE = 4
+
+
+def tracking_uri(params: Params) -> str:
+    """The MLflow tracking URI: params, then $MLFLOW_TRACKING_URI, then the local store."""
+    if params.train.tracking_uri:
+        return params.train.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    LOCAL_STORE.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{LOCAL_STORE.resolve()}"
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """`{"a": {"b": 1}}` -> `{"a.b": "1"}` (MLflow params are flat strings)."""
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def loss_figure(log: list[dict]) -> Figure:
+    """A figure with one curve per loss term against the step (no GUI backend needed)."""
+    figure = Figure(figsize=(4 * len(LOSS_TERMS), 3))
+    axes = figure.subplots(1, len(LOSS_TERMS))
+    steps = [record["step"] for record in log]
+    for axis, term in zip(axes, LOSS_TERMS, strict=True):
+        axis.plot(steps, [record[term] for record in log])
+        axis.set_title(term)
+        axis.set_xlabel("step")
+    figure.tight_layout()
+    return figure
+
+
+def comparison_grid(params: Params, adapter: SURAdapter, prompts: list[str]) -> Image.Image:
+    """Rows of [base, adapter] images for `prompts`, same seed per row, upscaled for viewing."""
+    pipeline = load_base_from_params(params.base_model)
+    path = AdaptedTextPath.from_pipeline(pipeline, adapter.eval())
+    size = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    common = dict(
+        num_inference_steps=params.sampling.steps,
+        guidance_scale=params.sampling.guidance,
+        height=size,
+        width=size,
+        output_type="pil",
+    )
+    rows = []
+    for index, prompt in enumerate(prompts):
+        seed = params.sampling.seed + index
+        base = pipeline(prompt=prompt, generator=torch.Generator().manual_seed(seed), **common)
+        adapted = pipeline(
+            **path.pipeline_embeds([prompt]),
+            generator=torch.Generator().manual_seed(seed),
+            **common,
+        )
+        rows.append((base.images[0], adapted.images[0]))
+    cell = size * GRID_SCALE
+    grid = Image.new("RGB", (2 * cell, len(rows) * cell), "white")
+    for row, images in enumerate(rows):
+        for column, image in enumerate(images):
+            grid.paste(
+                image.resize((cell, cell), Image.Resampling.NEAREST), (column * cell, row * cell)
+            )
+    return grid
+
+
+def train_with_tracking(params: Params, grid_prompts: list[str]) -> TrainResult:
+    """Train the adapter inside an MLflow run (main process) and log what people look at."""
+    # RANK is set by every distributed launcher; PartialState() here would initialise the
+    # distributed state before the Accelerator (and without its CPU flag).
+    if os.environ.get("RANK", "0") != "0":
+        return train_adapter(params)
+    mlflow.set_tracking_uri(tracking_uri(params))
+    mlflow.set_experiment(params.train.experiment)
+    with mlflow.start_run(run_name="train-adapter"):
+        mlflow.log_params(flatten(params.model_dump(mode="json")))
+        tags = {"git_commit": git_commit(), "base_model": params.base_model.id}
+        tags |= {f"dvc.{k}": v for k, v in dvc_output_hashes(("prepare", "embed")).items()}
+        tags["teacher"] = params.embed.model
+        mlflow.set_tags(tags)
+
+        def log_step(record: dict) -> None:
+            metrics = {f"loss_{term}": record[term] for term in LOSS_TERMS} | {"lr": record["lr"]}
+            mlflow.log_metrics(metrics, step=record["step"])
+
+        result = train_adapter(params, on_log=log_step)
+        if result.log:
+            mlflow.log_figure(loss_figure(result.log), "plots/loss_curves.png")
+        adapter = SURAdapter.from_pretrained(result.output_dir)
+        mlflow.log_image(
+            comparison_grid(params, adapter, grid_prompts), "plots/base_vs_adapter.png"
+        )
+        mlflow.log_artifacts(str(result.output_dir), "adapter")
+        mlflow.log_metric("train_seconds", result.seconds)
+    return result

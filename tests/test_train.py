@@ -1,0 +1,235 @@
+"""Adapter training: only the adapter learns, losses fall, SIGKILL + resume reproduces an
+uninterrupted run exactly, two processes train together, and MLflow gets what people read."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from suradapter.config import load_params
+from suradapter.data.prepare import prepare_dataset
+from suradapter.data.shapes import generate_shapes_dataset
+from suradapter.teacher.embed import run_embed
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def tiny_project(tmp_path_factory, repo_root) -> Path:
+    """A params file (profile tiny) whose data is 96 prepared shapes samples, embedded."""
+    root = tmp_path_factory.mktemp("train-project")
+    shutil.copytree(repo_root / "configs", root / "configs")
+    raw = yaml.safe_load((repo_root / "params.yaml").read_text())
+    raw["shapes"].update(num_samples=96, output_dir=str(root / "raw"))
+    raw["prepare"].update(source=str(root / "raw"), output_dir=str(root / "prepared"))
+    raw["embed"].update(
+        manifest=str(root / "prepared/manifest.parquet"), cache_dir=str(root / "cache")
+    )
+    raw["train"].update(
+        output_dir=str(root / "adapter"),
+        checkpoint_dir=str(root / "ckpt"),
+        max_steps=30,
+        batch_size=8,
+        warmup_steps=2,
+        checkpoint_every=10,
+        log_every=2,
+        tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
+        grid_prompts=2,
+    )
+    raw["sampling"].update(steps=2)
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    params = load_params(path, profile="tiny")
+    generate_shapes_dataset(params.shapes, Path(params.shapes.output_dir))
+    prepare_dataset(params.prepare)
+    run_embed(params.embed)
+    return path
+
+
+def _params(path: Path, **train):
+    params = load_params(path, profile="tiny")
+    return params.model_copy(update={"train": params.train.model_copy(update=train)})
+
+
+def _sur(params_path: Path, *args: str, **popen) -> subprocess.Popen:
+    command = [str(BIN / "sur"), "--params", str(params_path), "--profile", "tiny", *args]
+    return subprocess.Popen(command, cwd=params_path.parent, **popen)
+
+
+def test_only_the_adapter_gets_gradients(tiny_project):
+    from suradapter.model.adapter import SURAdapter
+    from suradapter.model.zoo import load_base_from_params
+    from suradapter.teacher.embed import open_cache
+    from suradapter.train.adapter import frozen_parts, step_loss
+    from suradapter.train.data import AdapterTrainingData
+
+    params = _params(tiny_project)
+    pipeline = load_base_from_params(params.base_model)
+    frozen = frozen_parts(pipeline, torch.device("cpu"), torch.float32)
+    data = AdapterTrainingData(
+        Path(params.embed.manifest), pipeline.tokenizer, open_cache(params.embed)
+    )
+    adapter_params = params.adapter.model_copy(update={"teacher_dim": data.teacher.shape[1]})
+    adapter = SURAdapter.from_params(adapter_params, 32)
+    rows, dropped = torch.arange(8), torch.tensor([False] * 6 + [True] * 2)
+    terms = step_loss(
+        params,
+        adapter,
+        frozen,
+        data.batch(rows, dropped),
+        dropped,
+        torch.Generator().manual_seed(0),
+        None,
+    )
+    terms.total.backward()
+    assert all(p.grad is not None for p in adapter.parameters())
+    for module in (frozen.text_encoder, frozen.unet, frozen.vae):
+        assert all(p.grad is None and not p.requires_grad for p in module.parameters())
+    assert all(torch.isfinite(v) for v in (terms.denoise, terms.llm_distill, terms.alignment))
+
+
+def test_training_lowers_the_losses(tiny_project):
+    from suradapter.train.adapter import train_adapter
+
+    root = tiny_project.parent
+    params = _params(
+        tiny_project,
+        output_dir=str(root / "lowers"),
+        checkpoint_dir=str(root / "lowers-ckpt"),
+        max_steps=40,
+        learning_rate=3e-3,
+    )
+    result = train_adapter(params)
+    first, last = result.log[:3], result.log[-3:]
+    for term in ("alignment", "llm_distill"):
+        before = sum(r[term] for r in first) / 3
+        after = sum(r[term] for r in last) / 3
+        assert after < before, (term, before, after)
+    assert (root / "lowers" / "config.json").is_file()
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tiny_project, tmp_path):
+    config = yaml.safe_load(tiny_project.read_text())
+    runs = {}
+    for name in ("straight", "killed"):
+        config["train"].update(
+            output_dir=str(tmp_path / name),
+            checkpoint_dir=str(tmp_path / f"{name}-ckpt"),
+            max_steps=200,
+            checkpoint_every=20,
+            log_every=10,
+        )
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        shutil.copytree(tiny_project.parent / "configs", tmp_path / "configs", dirs_exist_ok=True)
+        runs[name] = path
+    quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert _sur(runs["straight"], "train", **quiet).wait(timeout=600) == 0
+    victim = _sur(runs["killed"], "train", **quiet)
+    marker = tmp_path / "killed-ckpt" / "checkpoint-20" / "done"
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        assert victim.poll() is None and time.monotonic() < deadline, "no checkpoint in time"
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (tmp_path / "killed").exists(), "the kill must land before the end"
+    assert _sur(runs["killed"], "train", **quiet).wait(timeout=600) == 0
+    straight, resumed = _weights(tmp_path / "straight"), _weights(tmp_path / "killed")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_train_one_adapter(tiny_project, tmp_path):
+    config = yaml.safe_load(tiny_project.read_text())
+    config["train"].update(
+        output_dir=str(tmp_path / "ddp"),
+        checkpoint_dir=str(tmp_path / "ddp-ckpt"),
+        max_steps=6,
+        tracking_uri=f"sqlite:///{tmp_path / 'ddp-mlflow.db'}",
+    )
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    shutil.copytree(tiny_project.parent / "configs", tmp_path / "configs")
+    # `--cpu` with several processes needs MPI; the multi-process launcher plus
+    # ACCELERATE_USE_CPU runs torch.distributed over gloo instead.
+    command = [
+        str(BIN / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        str(BIN / "sur"),
+        "--params",
+        str(path),
+        "--profile",
+        "tiny",
+        "train",
+    ]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "train: 2 process(es)" in result.stdout
+    weights = _weights(tmp_path / "ddp")
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_mlflow_run_has_params_metrics_plots_and_lineage(tiny_project):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from suradapter.train.track import tracking_uri, train_with_tracking
+
+    root = tiny_project.parent
+    params = _params(
+        tiny_project,
+        output_dir=str(root / "tracked"),
+        checkpoint_dir=str(root / "tracked-ckpt"),
+        max_steps=6,
+    )
+    train_with_tracking(params, ["a trio of fire-truck coloured coins", "one lonely plate"])
+    client = MlflowClient(tracking_uri(params))
+    experiment = client.get_experiment_by_name(params.train.experiment)
+    run = client.search_runs([experiment.experiment_id], order_by=["start_time DESC"])[0]
+    assert run.data.params["train.max_steps"] == "6"
+    assert run.data.params["adapter.mode"] == "fixed"
+    assert len(client.get_metric_history(run.info.run_id, "loss_alignment")) == 3
+    assert run.data.tags["git_commit"] and run.data.tags["teacher"] == "minilm"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert artifacts == {"plots/loss_curves.png", "plots/base_vs_adapter.png"}
+    adapter_files = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
+    assert "adapter/config.json" in adapter_files
+    mlflow.set_tracking_uri(None)
