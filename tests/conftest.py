@@ -57,6 +57,9 @@ PROJECT_FILES = [
     "configs",
     "src/suradapter/data",
     "src/suradapter/teacher",
+    "src/suradapter/train",
+    "src/suradapter/model",
+    "models/shapes-base",
     ".dvc/config",
     ".dvcignore",
 ]
@@ -73,7 +76,7 @@ def set_param(repo: Path, section: str, key: str, value) -> None:
 
 @pytest.fixture
 def project_copy(tmp_path, repo_root):
-    """A git + DVC project holding this repo's pipeline files (120 shapes samples); and its env.
+    """A git + DVC project: this repo's pipeline files and shipped base; 120 samples, 4 train steps.
 
     The copied code files only feed DVC's dependency hashes: `sur` runs the installed package.
     """
@@ -90,6 +93,9 @@ def project_copy(tmp_path, repo_root):
         else:
             shutil.copy(source, target)
     set_param(repo, "shapes", "num_samples", 120)
+    set_param(repo, "train", "max_steps", 4)
+    set_param(repo, "train", "checkpoint_every", 2)
+    set_param(repo, "train", "grid_prompts", 1)
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",

@@ -109,3 +109,11 @@ def test_params_file_sets_every_field_explicitly(params_path):
                 walk(field.annotation, data[name], f"{prefix}{name}.")
 
     walk(Params, raw, "")
+
+
+def test_the_profile_key_of_the_params_file_applies_its_overlay(params_copy, monkeypatch):
+    monkeypatch.delenv("SUR_PROFILE", raising=False)
+    _edit(params_copy, lambda d: d.update(profile="tiny"))
+    params = load_params(params_copy)
+    assert params.profile == "tiny"
+    assert params.base_model.id == "tiny"  # from configs/tiny.yaml, not params.yaml

@@ -30,22 +30,25 @@ def dvc_repo(project_copy):
 
 
 def stages_run(output: str) -> set[str]:
-    stages = ("generate_shapes", "prepare", "embed")
+    stages = ("generate_shapes", "prepare", "embed", "bootstrap_base", "train")
     return {name for name in stages if f"Running stage '{name}'" in output}
 
 
 def test_repro_noop_and_param_scoped_reruns(dvc_repo):
     repo, env = dvc_repo
-    every = {"generate_shapes", "prepare", "embed"}
+    every = {"generate_shapes", "prepare", "embed", "train"}  # bootstrap_base is frozen
     assert stages_run(run("dvc", "repro", cwd=repo, env=env)) == every
     assert (repo / "data/prepared/manifest.parquet").is_file()
     assert list((repo / "data/teacher_cache").glob("*/shards/*.safetensors"))
+    assert (repo / "outputs/adapter/diffusion_pytorch_model.safetensors").is_file()
     assert stages_run(run("dvc", "repro", cwd=repo, env=env)) == set()
     assert "up to date" in run("dvc", "status", cwd=repo, env=env)
-    set_param(repo, "embed", "batch_size", 32)
+    set_param(repo, "train", "learning_rate", 0.002)
+    assert stages_run(run("dvc", "repro", cwd=repo, env=env)) == {"train"}
+    set_param(repo, "embed", "batch_size", 32)  # the same features: train's inputs unchanged
     assert stages_run(run("dvc", "repro", cwd=repo, env=env)) == {"embed"}
-    set_param(repo, "prepare", "val_fraction", 0.2)  # a new manifest: embed re-checks it
-    assert stages_run(run("dvc", "repro", cwd=repo, env=env)) == {"prepare", "embed"}
+    set_param(repo, "prepare", "val_fraction", 0.2)  # a new manifest: embed and train re-run
+    assert stages_run(run("dvc", "repro", cwd=repo, env=env)) == {"prepare", "embed", "train"}
     set_param(repo, "shapes", "num_samples", 130)
     assert stages_run(run("dvc", "repro", cwd=repo, env=env)) == every
 

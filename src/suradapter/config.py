@@ -316,8 +316,9 @@ def load_params(path: Path | str | None = None, profile: str | None = None) -> P
     chosen = profile or os.environ.get(PROFILE_ENV) or file_profile
     overlay: dict[str, Any] = {}
     overlay_path: Path | None = None
-    if chosen != file_profile:
-        overlay_path = profile_path(params_path, chosen)
+    candidate = profile_path(params_path, chosen)
+    if candidate.is_file() or chosen != file_profile:
+        overlay_path = candidate
         if not overlay_path.is_file():
             known = ", ".join(dict.fromkeys([file_profile, *available_profiles(params_path)]))
             raise ParamsError(

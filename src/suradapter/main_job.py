@@ -1,10 +1,10 @@
 """The main job (`sur run`): every stage that exists so far, on the active profile.
 
-Today that is: the data stages through DVC (`dvc repro embed`: generate the shapes world,
-prepare it, fill the teacher-feature cache; DVC skips unchanged stages), then resolve the
-base model, build the adapter from params, save and reload it, and run the adapted text path
-through the standard pipeline beside the base model. Later stages (train, evaluate, export,
-register) join this chain as they land.
+Today that is the DVC chain up to `train` (`dvc repro train`: generate the shapes world,
+prepare it, fill the teacher-feature cache, train the adapter on the shipped base; DVC skips
+unchanged stages and never retrains the frozen base), then the trained adapter's text path
+through the standard pipeline beside the base model, same seed. Later stages (evaluate,
+export, register) join this chain as they land.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ DEMO_PROMPTS = (
     "a trio of fire-truck coloured coins lying in the snow",
     "3 red circles, white background, flat icon, centered, high quality",
 )
-DEMO_STEPS = 4
 
 
 def run_main_job(params: Params, out_dir: Path, console: Console) -> str:
@@ -36,7 +35,8 @@ def run_main_job(params: Params, out_dir: Path, console: Console) -> str:
     Raises RuntimeError when a stage cannot run (the message says why).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    reproduce_stages(["embed"], console)
+    check_dvc_profile(params)
+    reproduce_stages(["train"], console)
     prepared = json.loads((Path(params.prepare.output_dir) / "summary.json").read_text())
     console.print(
         f"[green]✓[/] data: {prepared['kept']} samples prepared "
@@ -50,18 +50,13 @@ def run_main_job(params: Params, out_dir: Path, console: Console) -> str:
     width = pipeline.text_encoder.config.hidden_size
     console.print(f"[green]✓[/] base model '{params.base_model.id}' (text width {width})")
 
-    adapter = SURAdapter.from_params(params.adapter, width).eval()
-    adapter_dir = out_dir / "adapter"
-    adapter.save_pretrained(adapter_dir)
-    reloaded = SURAdapter.from_pretrained(adapter_dir).eval()
+    adapter_dir = Path(params.train.output_dir)
+    adapter = SURAdapter.from_pretrained(adapter_dir).eval()
     path = AdaptedTextPath.from_pipeline(pipeline, adapter)
     embeds = path.encode(list(DEMO_PROMPTS))
-    reloaded_embeds = AdaptedTextPath.from_pipeline(pipeline, reloaded).encode(list(DEMO_PROMPTS))
-    if not torch.equal(embeds, reloaded_embeds):
-        raise RuntimeError(f"adapter saved to {adapter_dir} does not reload bit-exactly")
-    console.print(f"[green]✓[/] adapter ({params.adapter.mode}) saved and reloaded: {adapter_dir}")
+    console.print(f"[green]✓[/] trained adapter ({adapter.config.mode}): {adapter_dir}")
 
-    images = _side_by_side(pipeline, path, params.seed, DEMO_PROMPTS[0])
+    images = _side_by_side(pipeline, path, params, DEMO_PROMPTS[0])
     for name, image in images.items():
         image.save(out_dir / f"{name}.png")
     console.print(f"[green]✓[/] adapted text path through StableDiffusionPipeline: {out_dir}/*.png")
@@ -69,12 +64,28 @@ def run_main_job(params: Params, out_dir: Path, console: Console) -> str:
     info = {
         "profile": params.profile,
         "base_model": params.base_model.id,
+        "adapter_dir": str(adapter_dir),
         "adapter": {k: str(v) for k, v in describe_adapter(adapter).items()},
         "prompt_embeds_shape": list(embeds.shape),
         "images": sorted(f"{name}.png" for name in images),
     }
     (out_dir / "summary.json").write_text(json.dumps(info, indent=2))
     return f"main job done on profile '{params.profile}': {out_dir / 'summary.json'}"
+
+
+def check_dvc_profile(params: Params, params_file: Path = Path("params.yaml")) -> None:
+    """DVC resolves `configs/${profile}.yaml` from params.yaml; refuse a different profile."""
+    import yaml
+
+    declared = None
+    if params_file.is_file():
+        declared = yaml.safe_load(params_file.read_text()).get("profile")
+    if declared != params.profile:
+        raise RuntimeError(
+            f"profile '{params.profile}' was asked for, but {params_file} declares "
+            f"'profile: {declared}', which is what DVC tracks; set `profile: {params.profile}` "
+            f"in {params_file} to run the main job on it"
+        )
 
 
 def reproduce_stages(stages: list[str], console: Console) -> None:
@@ -89,10 +100,17 @@ def reproduce_stages(stages: list[str], console: Console) -> None:
         raise RuntimeError(f"`dvc repro {' '.join(stages)}` failed (exit {result.returncode})")
 
 
-def _side_by_side(pipeline, path: AdaptedTextPath, seed: int, prompt: str) -> dict:
+def _side_by_side(pipeline, path: AdaptedTextPath, params: Params, prompt: str) -> dict:
     """Generate `prompt` with the base text path and the adapted one, same seed."""
     size = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
-    common = dict(num_inference_steps=DEMO_STEPS, height=size, width=size, output_type="pil")
+    seed, sampling = params.sampling.seed, params.sampling
+    common = dict(
+        num_inference_steps=sampling.steps,
+        guidance_scale=sampling.guidance,
+        height=size,
+        width=size,
+        output_type="pil",
+    )
     base = pipeline(prompt=prompt, generator=torch.Generator().manual_seed(seed), **common)
     adapted = pipeline(
         **path.pipeline_embeds([prompt]), generator=torch.Generator().manual_seed(seed), **common

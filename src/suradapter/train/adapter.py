@@ -22,6 +22,7 @@ from diffusers.training_utils import compute_snr
 from torch import nn
 from tqdm import tqdm
 
+from suradapter.atomic import recover_dir, replace_dir, staging_dir
 from suradapter.config import Params
 from suradapter.model.adapter import SURAdapter
 from suradapter.model.losses import (
@@ -32,8 +33,16 @@ from suradapter.model.losses import (
     llm_distillation_loss,
 )
 from suradapter.model.zoo import load_base_from_params
+from suradapter.provenance import sha256_file
 from suradapter.teacher.embed import open_cache
-from suradapter.train.checkpoints import latest_checkpoint, read_log, save_checkpoint, write_log
+from suradapter.train.checkpoints import (
+    claim_checkpoints,
+    latest_checkpoint,
+    read_log,
+    run_fingerprint,
+    save_checkpoint,
+    write_log,
+)
 from suradapter.train.data import AdapterBatch, AdapterTrainingData
 
 LOSS_LOG = "loss_log.jsonl"
@@ -175,6 +184,11 @@ def train_adapter(params: Params, on_log=None) -> TrainResult:
     adapter, optimizer, schedule = accelerator.prepare(adapter, optimizer, schedule)
 
     checkpoints = Path(train.checkpoint_dir)
+    settings = run_settings(params, accelerator.num_processes)
+    fingerprint = run_fingerprint(settings)
+    if accelerator.is_main_process and claim_checkpoints(checkpoints, fingerprint, settings):
+        accelerator.print("train: params or data changed; old checkpoints dropped")
+    accelerator.wait_for_everyone()
     start, resume_from = latest_checkpoint(checkpoints)
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
@@ -225,10 +239,34 @@ def train_adapter(params: Params, on_log=None) -> TrainResult:
     accelerator.wait_for_everyone()
     output_dir = Path(train.output_dir)
     if accelerator.is_main_process:
-        accelerator.unwrap_model(adapter).save_pretrained(output_dir)
+        recover_dir(output_dir)
+        staging = staging_dir(output_dir)
+        accelerator.unwrap_model(adapter).save_pretrained(staging)
+        replace_dir(staging, output_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(output_dir, train.max_steps, time.monotonic() - started, log)
+
+
+def run_settings(params: Params, num_processes: int) -> dict:
+    """What determines the trained weights: the math params, the world size and the inputs.
+
+    Bookkeeping (output paths, logging cadence, tracking) is left out, so changing it keeps
+    the checkpoints resumable.
+    """
+    bookkeeping = {
+        "output_dir", "checkpoint_dir", "checkpoint_every", "log_every",
+        "tracking_uri", "experiment", "grid_prompts",
+    }  # fmt: skip
+    return {
+        "adapter": params.adapter.model_dump(),
+        "loss": params.loss.model_dump(),
+        "train": params.train.model_dump(exclude=bookkeeping),
+        "base_model": params.base_model.model_dump(),
+        "num_processes": num_processes,
+        "manifest_sha256": sha256_file(Path(params.embed.manifest)),
+        "teacher": params.embed.model_dump(exclude={"batch_size", "shard_size"}),
+    }
 
 
 def _to_device(batch: AdapterBatch, device: torch.device) -> AdapterBatch:

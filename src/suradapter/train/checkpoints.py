@@ -7,6 +7,7 @@ back to the resumed step, so it never holds steps that will be redone.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -17,6 +18,30 @@ from accelerate import Accelerator
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)$")
 DONE_MARKER = "done"
 KEEP_CHECKPOINTS = 2
+FINGERPRINT_FILE = "run_fingerprint.json"
+
+
+def run_fingerprint(settings: dict) -> str:
+    """sha256 of the JSON of everything that determines a run's result."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def claim_checkpoints(folder: Path, fingerprint: str, settings: dict) -> bool:
+    """Make `folder` hold checkpoints of the run `fingerprint` only.
+
+    Checkpoints written under other settings (params or data changed since) are removed so
+    that they are never resumed into a different run. Returns True when some were removed.
+    """
+    record = folder / FINGERPRINT_FILE
+    stale = record.is_file() and json.loads(record.read_text()).get("fingerprint") != fingerprint
+    stale = stale or (not record.is_file() and any(folder.glob("checkpoint-*")))
+    if stale:
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    temp = record.with_suffix(".tmp")
+    temp.write_text(json.dumps({"fingerprint": fingerprint, "settings": settings}, default=str))
+    temp.replace(record)
+    return stale
 
 
 def _numbered(folder: Path) -> list[tuple[int, Path]]:

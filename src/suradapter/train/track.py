@@ -24,6 +24,7 @@ from suradapter.provenance import dvc_output_hashes, git_commit
 from suradapter.train.adapter import TrainResult, train_adapter
 
 LOCAL_STORE = Path(".sur/mlflow.db")
+LOCAL_ARTIFACTS = Path(".sur/mlartifacts")
 LOSS_TERMS = ("total", "denoise", "llm_distill", "alignment")
 GRID_SCALE = 4
 
@@ -95,14 +96,22 @@ def comparison_grid(params: Params, adapter: SURAdapter, prompts: list[str]) -> 
     return grid
 
 
+def ensure_experiment(name: str, local: bool) -> None:
+    """Make `name` the active experiment; a new local one keeps its artifacts under .sur/."""
+    if local and mlflow.get_experiment_by_name(name) is None:
+        mlflow.create_experiment(name, artifact_location=LOCAL_ARTIFACTS.resolve().as_uri())
+    mlflow.set_experiment(name)
+
+
 def train_with_tracking(params: Params, grid_prompts: list[str]) -> TrainResult:
     """Train the adapter inside an MLflow run (main process) and log what people look at."""
     # RANK is set by every distributed launcher; PartialState() here would initialise the
     # distributed state before the Accelerator (and without its CPU flag).
     if os.environ.get("RANK", "0") != "0":
         return train_adapter(params)
-    mlflow.set_tracking_uri(tracking_uri(params))
-    mlflow.set_experiment(params.train.experiment)
+    uri = tracking_uri(params)
+    mlflow.set_tracking_uri(uri)
+    ensure_experiment(params.train.experiment, local=uri.startswith("sqlite:"))
     with mlflow.start_run(run_name="train-adapter"):
         mlflow.log_params(flatten(params.model_dump(mode="json")))
         tags = {"git_commit": git_commit(), "base_model": params.base_model.id}
