@@ -28,7 +28,7 @@ from suradapter.data.shapes import generate_shapes_dataset
 from suradapter.model.adapter import SURAdapter
 from suradapter.model.zoo import load_base_from_params
 from suradapter.teacher.embed import open_cache, run_embed
-from suradapter.train.adapter import frozen_parts, step_loss
+from suradapter.train.adapter import frozen_parts, make_optimizer, step_loss
 from suradapter.train.data import AdapterTrainingData
 
 
@@ -54,14 +54,14 @@ def main() -> None:
         pipeline = load_base_from_params(params.base_model)
         frozen = frozen_parts(pipeline, torch.device("cpu"), torch.float32)
         data = AdapterTrainingData(Path(embed.manifest), pipeline.tokenizer, open_cache(embed))
+        rows = torch.arange(args.batch_size) % len(data)
+        dropped = torch.zeros(args.batch_size, dtype=torch.bool)
+        batch = data.batch(rows, dropped)  # reads the images: inside the temp folder's life
 
     width = pipeline.text_encoder.config.hidden_size
     adapter_params = params.adapter.model_copy(update={"teacher_dim": data.teacher.shape[1]})
     adapter = SURAdapter.from_params(adapter_params, width).train()
-    optimizer = torch.optim.AdamW(adapter.parameters(), lr=1e-4)
-    rows = torch.arange(args.batch_size) % len(data)
-    dropped = torch.zeros(args.batch_size, dtype=torch.bool)
-    batch = data.batch(rows, dropped)
+    optimizer = make_optimizer(params, adapter)
 
     def ours() -> None:
         terms = step_loss(

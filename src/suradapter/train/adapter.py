@@ -142,6 +142,16 @@ def step_loss(
     return combine_losses(params.loss, denoise, llm, align)
 
 
+def make_optimizer(params: Params, adapter: nn.Module) -> torch.optim.Optimizer:
+    """AdamW over the adapter, fused (one kernel for all of its many small tensors)."""
+    return torch.optim.AdamW(
+        adapter.parameters(),
+        lr=params.train.learning_rate,
+        weight_decay=params.train.weight_decay,
+        fused=True,
+    )
+
+
 def frozen_parts(pipeline: StableDiffusionPipeline, device: torch.device, dtype: torch.dtype):
     for module in (pipeline.text_encoder, pipeline.unet, pipeline.vae):
         module.requires_grad_(False).eval().to(device, dtype=dtype)
@@ -177,9 +187,7 @@ def train_adapter(params: Params, on_log=None) -> TrainResult:
         seed = train.seed + 1
         projection = reference_teacher_projection(teacher_dim, width, seed)
         projection = projection.to(accelerator.device)
-    optimizer = torch.optim.AdamW(
-        adapter.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay
-    )
+    optimizer = make_optimizer(params, adapter)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(params))
     adapter, optimizer, schedule = accelerator.prepare(adapter, optimizer, schedule)
 
