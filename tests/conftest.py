@@ -59,6 +59,7 @@ PROJECT_FILES = [
     "src/suradapter/teacher",
     "src/suradapter/train",
     "src/suradapter/model",
+    "src/suradapter/export",
     "models/shapes-base",
     ".dvc/config",
     ".dvcignore",

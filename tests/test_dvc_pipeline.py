@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import boto3
 import pytest
+import servers
 from conftest import set_param
 
 BIN = Path(sys.executable).parent
@@ -30,76 +28,37 @@ def dvc_repo(project_copy):
 
 
 def stages_run(output: str) -> set[str]:
-    stages = ("generate_shapes", "prepare", "embed", "bootstrap_base", "train")
+    stages = ("generate_shapes", "prepare", "embed", "bootstrap_base", "train", "export")
     return {name for name in stages if f"Running stage '{name}'" in output}
 
 
 def test_repro_noop_and_param_scoped_reruns(dvc_repo):
     repo, env = dvc_repo
-    every = {"generate_shapes", "prepare", "embed", "train"}  # bootstrap_base is frozen
+    every = {"generate_shapes", "prepare", "embed", "train", "export"}  # bootstrap_base: frozen
     assert stages_run(run("dvc", "repro", cwd=repo, env=env)) == every
     assert (repo / "data/prepared/manifest.parquet").is_file()
     assert list((repo / "data/teacher_cache").glob("*/shards/*.safetensors"))
     assert (repo / "outputs/adapter/diffusion_pytorch_model.safetensors").is_file()
+    assert (repo / "outputs/export/text_path.onnx").is_file()
     assert stages_run(run("dvc", "repro", cwd=repo, env=env)) == set()
     assert "up to date" in run("dvc", "status", cwd=repo, env=env)
     set_param(repo, "train", "learning_rate", 0.002)
-    assert stages_run(run("dvc", "repro", cwd=repo, env=env)) == {"train"}
+    assert stages_run(run("dvc", "repro", cwd=repo, env=env)) == {"train", "export"}
+    set_param(repo, "export", "fp32_tolerance", 0.001)
+    assert stages_run(run("dvc", "repro", cwd=repo, env=env)) == {"export"}
     set_param(repo, "embed", "batch_size", 32)  # the same features: train's inputs unchanged
     assert stages_run(run("dvc", "repro", cwd=repo, env=env)) == {"embed"}
     set_param(repo, "prepare", "val_fraction", 0.2)  # a new manifest: embed and train re-run
-    assert stages_run(run("dvc", "repro", cwd=repo, env=env)) == {"prepare", "embed", "train"}
+    assert stages_run(run("dvc", "repro", cwd=repo, env=env)) == every - {"generate_shapes"}
     set_param(repo, "shapes", "num_samples", 130)
     assert stages_run(run("dvc", "repro", cwd=repo, env=env)) == every
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
 def s3_server(tmp_path):
     """A real S3 endpoint on loopback: `rclone serve s3`, storing objects as files on disk."""
-    port = _free_port()
-    root = tmp_path / "s3root"
-    root.mkdir()
-    process = subprocess.Popen(
-        [
-            str(BIN / "rclone"),
-            "serve",
-            "s3",
-            "--addr",
-            f"127.0.0.1:{port}",
-            "--auth-key",
-            "testkey,testsecret",
-            str(root),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    client = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id="testkey",
-        aws_secret_access_key="testsecret",
-        region_name="us-east-1",
-    )
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            client.create_bucket(Bucket="dvc-store")
-            break
-        except Exception:
-            if time.monotonic() > deadline or process.poll() is not None:
-                process.kill()
-                raise
-            time.sleep(0.1)
-    yield endpoint, client
-    process.terminate()
-    process.wait(timeout=10)
+    with servers.s3_server(tmp_path / "s3root", ("dvc-store",)) as server:
+        yield server.endpoint, server.client
 
 
 def _digests(folder: Path) -> dict[str, str]:

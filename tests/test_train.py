@@ -233,3 +233,33 @@ def test_mlflow_run_has_params_metrics_plots_and_lineage(tiny_project):
     adapter_files = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
     assert "adapter/config.json" in adapter_files
     mlflow.set_tracking_uri(None)
+
+
+def test_checkpoints_of_another_run_are_dropped_not_resumed(tmp_path):
+    from suradapter.train.checkpoints import claim_checkpoints, latest_checkpoint
+
+    folder = tmp_path / "ckpt"
+    assert claim_checkpoints(folder, "run-a", {"lr": 1}) is False
+    (folder / "checkpoint-5").mkdir()
+    (folder / "checkpoint-5" / "done").write_text("5")
+    assert claim_checkpoints(folder, "run-a", {"lr": 1}) is False
+    assert latest_checkpoint(folder)[0] == 5
+    assert claim_checkpoints(folder, "run-b", {"lr": 2}) is True
+    assert latest_checkpoint(folder) == (0, None)
+
+
+def test_the_run_fingerprint_follows_math_params_not_bookkeeping(tiny_project):
+    from suradapter.train.adapter import run_settings
+    from suradapter.train.checkpoints import run_fingerprint
+
+    params = load_params(tiny_project, profile="tiny")
+    base = run_fingerprint(run_settings(params, 1))
+    logging_only = params.model_copy(
+        update={"train": params.train.model_copy(update={"log_every": 7})}
+    )
+    assert run_fingerprint(run_settings(logging_only, 1)) == base
+    other_lr = params.model_copy(
+        update={"train": params.train.model_copy(update={"learning_rate": 0.5})}
+    )
+    assert run_fingerprint(run_settings(other_lr, 1)) != base
+    assert run_fingerprint(run_settings(params, 2)) != base

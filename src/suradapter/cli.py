@@ -227,6 +227,42 @@ def train(ctx: typer.Context) -> None:
     )
 
 
+@app.command("export")
+def export(
+    ctx: typer.Context,
+    adapter_dir: Path | None = typer.Option(None, "--adapter", help="Adapter folder (params)."),
+    out_dir: Path | None = typer.Option(None, "--out", help="Output folder (params)."),
+    fp16: bool | None = typer.Option(None, "--fp16/--fp32", help="Precision (params)."),
+) -> None:
+    """Export the adapted text path to ONNX and check its parity with PyTorch."""
+    from suradapter.export.onnx_export import ExportParityError, export_text_path
+    from suradapter.model.adapter import SURAdapter
+    from suradapter.model.text_path import AdaptedTextPath
+    from suradapter.model.zoo import load_base_from_params
+
+    params = ctx.obj.load()
+    settings = params.export
+    if fp16 is not None:
+        settings = settings.model_copy(update={"fp16": fp16})
+    adapter_dir = adapter_dir or Path(settings.adapter_dir)
+    out_dir = out_dir or Path(settings.output_dir)
+    if not (adapter_dir / "config.json").is_file():
+        fail(f"no adapter in {adapter_dir}: run `sur train` or pass --adapter", code=2)
+    pipeline = load_base_from_params(params.base_model)
+    path = AdaptedTextPath.from_pipeline(pipeline, SURAdapter.from_pretrained(adapter_dir))
+    with console.status(f"exporting {adapter_dir} to ONNX"):
+        try:
+            result = export_text_path(path, settings, out_dir, adapter_dir, params.base_model.id)
+        except ExportParityError as err:
+            fail(str(err), code=1)
+    report = result.report
+    console.print(
+        f"[green]✓[/] {out_dir}/text_path.onnx ({report['dtype']}, opset {report['opset']}, "
+        f"inputs {', '.join(report['inputs'])}); parity max abs diff "
+        f"{report['parity_max_abs_diff']:.2e} <= {report['parity_tolerance']:g}"
+    )
+
+
 @app.command("bootstrap-base")
 def bootstrap_base_command(
     ctx: typer.Context,

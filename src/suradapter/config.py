@@ -258,6 +258,38 @@ class SamplingParams(StrictModel):
     seed: int = Field(1234, description="Sampling seed for validation; test uses seed + 1.")
 
 
+class ExportParams(StrictModel):
+    adapter_dir: str = Field("outputs/adapter", description="The trained adapter to export.")
+    output_dir: str = Field("outputs/export", description="Where text_path.onnx is written.")
+    opset: int = Field(18, ge=18, description="ONNX opset (the dynamo exporter needs >= 18).")
+    fp16: bool = Field(False, description="Export in float16 (for GPU execution providers).")
+    fp32_tolerance: float = Field(
+        1e-4, gt=0, description="Max abs diff ONNX vs PyTorch allowed for an fp32 export."
+    )
+    fp16_tolerance: float = Field(
+        2e-2, gt=0, description="Max abs diff allowed for an fp16 export (vs fp32 PyTorch)."
+    )
+    external_data_mb: int = Field(
+        256, ge=1, description="Weights above this size go to an external data file."
+    )
+    parity_prompts: list[str] = Field(
+        [
+            "",
+            "a trio of fire-truck coloured coins lying in the snow",
+            "3 red circles, white background, flat icon, centered, high quality",
+            "a woman in a white dress with angel wings",
+        ],
+        min_length=1,
+        description="Fixed prompts of the parity check.",
+    )
+    providers: list[Literal["tensorrt", "cuda", "cpu"]] = Field(
+        ["tensorrt", "cuda", "cpu"],
+        min_length=1,
+        description="Execution-provider preference; unavailable ones are skipped.",
+    )
+    trt_cache_dir: str = Field(".sur/trt_cache", description="TensorRT engine cache folder.")
+
+
 class Params(StrictModel):
     profile: str = Field("shapes", description="Active profile: tiny, shapes or sd15.")
     seed: int = Field(0, description="Global seed for stages that draw random numbers.")
@@ -286,6 +318,9 @@ class Params(StrictModel):
     sampling: SamplingParams = Field(
         default_factory=SamplingParams,
         description="Sampling and oracle scoring in the shapes world.",
+    )
+    export: ExportParams = Field(
+        default_factory=ExportParams, description="ONNX export of the adapted text path."
     )
 
 

@@ -1,10 +1,11 @@
 """The main job (`sur run`): every stage that exists so far, on the active profile.
 
-Today that is the DVC chain up to `train` (`dvc repro train`: generate the shapes world,
-prepare it, fill the teacher-feature cache, train the adapter on the shipped base; DVC skips
-unchanged stages and never retrains the frozen base), then the trained adapter's text path
-through the standard pipeline beside the base model, same seed. Later stages (evaluate,
-export, register) join this chain as they land.
+Today that is the DVC chain up to `export` (`dvc repro export`: generate the shapes world,
+prepare it, fill the teacher-feature cache, train the adapter on the shipped base, export
+the adapted text path to ONNX with a parity check; DVC skips unchanged stages and never
+retrains the frozen base), then the trained adapter's text path through the standard
+pipeline beside the base model, same seed. Later stages (evaluate, register, promote) join
+this chain as they land.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def run_main_job(params: Params, out_dir: Path, console: Console) -> str:
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     check_dvc_profile(params)
-    reproduce_stages(["train"], console)
+    reproduce_stages(["export"], console)
     prepared = json.loads((Path(params.prepare.output_dir) / "summary.json").read_text())
     console.print(
         f"[green]✓[/] data: {prepared['kept']} samples prepared "
@@ -55,6 +56,11 @@ def run_main_job(params: Params, out_dir: Path, console: Console) -> str:
     path = AdaptedTextPath.from_pipeline(pipeline, adapter)
     embeds = path.encode(list(DEMO_PROMPTS))
     console.print(f"[green]✓[/] trained adapter ({adapter.config.mode}): {adapter_dir}")
+    export = json.loads((Path(params.export.output_dir) / "export.json").read_text())
+    console.print(
+        f"[green]✓[/] ONNX text path: {params.export.output_dir}/text_path.onnx "
+        f"(parity {export['parity_max_abs_diff']:.1e})"
+    )
 
     images = _side_by_side(pipeline, path, params, DEMO_PROMPTS[0])
     for name, image in images.items():
@@ -65,6 +71,7 @@ def run_main_job(params: Params, out_dir: Path, console: Console) -> str:
         "profile": params.profile,
         "base_model": params.base_model.id,
         "adapter_dir": str(adapter_dir),
+        "export": export,
         "adapter": {k: str(v) for k, v in describe_adapter(adapter).items()},
         "prompt_embeds_shape": list(embeds.shape),
         "images": sorted(f"{name}.png" for name in images),

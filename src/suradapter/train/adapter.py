@@ -260,7 +260,7 @@ def run_settings(params: Params, num_processes: int) -> dict:
     """What determines the trained weights: the math params, the world size and the inputs.
 
     Bookkeeping (output paths, logging cadence, tracking) is left out, so changing it keeps
-    the checkpoints resumable.
+    the checkpoints resumable; a change to the training code does not.
     """
     bookkeeping = {
         "output_dir", "checkpoint_dir", "checkpoint_every", "log_every",
@@ -274,7 +274,20 @@ def run_settings(params: Params, num_processes: int) -> dict:
         "num_processes": num_processes,
         "manifest_sha256": sha256_file(Path(params.embed.manifest)),
         "teacher": params.embed.model_dump(exclude={"batch_size", "shard_size"}),
+        "code_sha256": {name: sha256_file(path) for name, path in _training_code().items()},
     }
+
+
+def _training_code() -> dict[str, Path]:
+    """The source files that define the training math (a change invalidates checkpoints)."""
+    import sys
+
+    from suradapter.model import adapter as adapter_module
+    from suradapter.model import losses
+    from suradapter.train import data
+
+    modules = (adapter_module, losses, data, sys.modules[__name__])
+    return {module.__name__: Path(module.__file__) for module in modules}
 
 
 def _to_device(batch: AdapterBatch, device: torch.device) -> AdapterBatch:

@@ -1,0 +1,1 @@
+"""ONNX export of the adapted text path, and the ONNX Runtime session factory."""

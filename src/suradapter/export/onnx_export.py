@@ -1,0 +1,183 @@
+"""Export the adapted text path (frozen CLIP text encoder + SUR-adapter) to ONNX, with parity.
+
+Exporter: `torch.onnx.export(..., dynamo=True)` at opset 18. The TorchScript exporter is
+deprecated and, on the reference mode's sequence-first attention, bakes the example batch
+size into reshapes (ORT then fails at any other batch); the dynamo exporter keeps the batch
+dimension symbolic in both modes. The sequence length is fixed at the tokenizer's
+max_length, because the Stable Diffusion text path always pads to it.
+
+The export is written to a staging folder, checked against PyTorch on fixed prompts, and
+only then moved into place: a failed parity check leaves the previous export untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from suradapter.atomic import recover_dir, replace_dir, staging_dir
+from suradapter.config import ExportParams
+from suradapter.export.runtime import MODEL_FILE, REPORT_FILE, OnnxTextPath
+from suradapter.model.text_path import AdaptedTextPath
+from suradapter.provenance import sha256_file
+
+LOG = logging.getLogger(__name__)
+EXPORTER = "torch.onnx.export(dynamo=True)"
+ADAPTER_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+class ExportParityError(RuntimeError):
+    """The ONNX text path disagrees with PyTorch beyond the tolerance."""
+
+
+class _WithMask(nn.Module):
+    def __init__(self, path: AdaptedTextPath) -> None:
+        super().__init__()
+        self.path = path
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.path(input_ids, attention_mask)
+
+
+class _IdsOnly(nn.Module):
+    """Reference mode ignores the mask (as the reference does), so the graph takes ids only."""
+
+    def __init__(self, path: AdaptedTextPath) -> None:
+        super().__init__()
+        self.path = path
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.path(input_ids, None)
+
+
+@dataclass
+class ExportResult:
+    folder: Path
+    report: dict
+
+
+def exportable(path: AdaptedTextPath) -> nn.Module:
+    """The module whose signature the ONNX graph gets: (input_ids[, attention_mask])."""
+    needs_mask = not path.adapter.is_reference
+    return _WithMask(path) if needs_mask else _IdsOnly(path)
+
+
+def export_text_path(
+    path: AdaptedTextPath,
+    params: ExportParams,
+    out_dir: Path,
+    adapter_dir: Path | None = None,
+    base_model: str = "",
+) -> ExportResult:
+    """Export `path` to `out_dir/text_path.onnx` (+ tokenizer, report); check parity.
+
+    Raises ExportParityError (with the figure) when the max abs diff exceeds the tolerance.
+    """
+    out_dir = Path(out_dir)
+    recover_dir(out_dir)
+    staging = staging_dir(out_dir)
+    try:
+        report = _export_into(staging, path, params, out_dir, adapter_dir, base_model)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    replace_dir(staging, out_dir)
+    LOG.info("exported %s (parity %.3g)", out_dir / MODEL_FILE, report["parity_max_abs_diff"])
+    return ExportResult(out_dir, report)
+
+
+def _export_into(
+    staging: Path,
+    path: AdaptedTextPath,
+    params: ExportParams,
+    out_dir: Path,
+    adapter_dir: Path | None,
+    base_model: str,
+) -> dict:
+    reference = copy.deepcopy(path).float().eval()
+    dtype = torch.float16 if params.fp16 else torch.float32
+    module = exportable(copy.deepcopy(reference).to(dtype)).eval()
+    tokens = reference.tokenize(params.parity_prompts[:2])
+    args = (tokens.input_ids,)
+    if isinstance(module, _WithMask):
+        args += (tokens.attention_mask,)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    names = ["input_ids", "attention_mask"][: len(args)]
+    weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    external = weight_bytes > params.external_data_mb * 1024 * 1024
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module,
+            args,
+            dynamo=True,
+            opset_version=params.opset,
+            input_names=names,
+            output_names=["prompt_embeds"],
+            dynamic_shapes={name: {0: batch} for name in names},
+            verbose=False,
+        )
+    adapter_sha = sha256_file(Path(adapter_dir) / ADAPTER_WEIGHTS) if adapter_dir else ""
+    metadata = {
+        "adapter_sha256": adapter_sha,
+        "adapter_mode": reference.adapter.config.mode,
+        "adapter_weight": str(reference.adapter.adapter_weight),
+        "base_model": base_model,
+        "exporter": EXPORTER,
+        "opset": str(params.opset),
+        "dtype": "float16" if params.fp16 else "float32",
+        "max_length": str(reference.max_length),
+        "vocab_size": str(reference.text_encoder.config.vocab_size),
+        "hidden_size": str(reference.text_encoder.config.hidden_size),
+    }
+    program.model.metadata_props.update(metadata)
+    program.save(str(staging / MODEL_FILE), external_data=external)
+    reference.tokenizer.save_pretrained(staging / "tokenizer")
+
+    exported = OnnxTextPath.load(staging)
+    diff = parity_max_abs_diff(reference, exported, params.parity_prompts)
+    tolerance = params.fp16_tolerance if params.fp16 else params.fp32_tolerance
+    report = {
+        **metadata,
+        "parity_max_abs_diff": diff,
+        "parity_tolerance": tolerance,
+        "parity_prompts": len(params.parity_prompts),
+        "external_data": external,
+        "weight_bytes": weight_bytes,
+        "inputs": exported.input_names,
+    }
+    if not diff <= tolerance:
+        raise ExportParityError(
+            f"ONNX text path differs from PyTorch by {diff:.3g} (max abs, "
+            f"{report['dtype']}), above the tolerance {tolerance:g}; {out_dir} was left as it was"
+        )
+    (staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def parity_max_abs_diff(
+    reference: AdaptedTextPath, exported: OnnxTextPath, prompts: list[str]
+) -> float:
+    """Max abs difference between PyTorch fp32 and ONNX embeddings, at batch 1 and at all.
+
+    Each batch is compared with PyTorch on the same batch: in reference mode the
+    sequence-first attention mixes the prompts of a batch (a reference bug we keep there).
+    """
+    tokens = reference.tokenize(prompts)
+    worst = 0.0
+    for rows in (slice(0, 1), slice(0, len(prompts))):  # two batch sizes: dynamic batch
+        ids, mask = tokens.input_ids[rows], tokens.attention_mask[rows]
+        with torch.no_grad():
+            expected = reference(ids, mask).numpy()
+        got = exported.run(ids, mask)
+        worst = max(worst, float(np.abs(got - expected).max()))
+    return worst

@@ -1,0 +1,115 @@
+"""Real local servers for tests: an S3 endpoint (rclone serve s3) and an MLflow server."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import boto3
+
+BIN = Path(sys.executable).parent
+S3_KEY, S3_SECRET = "testkey", "testsecret"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    client: object
+
+
+@contextmanager
+def s3_server(root: Path, buckets: tuple[str, ...]) -> Iterator[S3Server]:
+    """`rclone serve s3` on loopback, storing objects as files under `root`."""
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    command = [str(BIN / "rclone"), "serve", "s3", "--addr", f"127.0.0.1:{port}"]
+    command += ["--auth-key", f"{S3_KEY},{S3_SECRET}", str(root)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    endpoint = f"http://127.0.0.1:{port}"
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=S3_KEY,
+        aws_secret_access_key=S3_SECRET,
+        region_name="us-east-1",
+    )
+    deadline = time.monotonic() + 20
+    pending = list(buckets)
+    try:
+        while pending:
+            try:
+                client.create_bucket(Bucket=pending[0])
+                pending.pop(0)
+            except Exception:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise
+                time.sleep(0.1)
+        yield S3Server(endpoint, client)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def s3_env(endpoint: str) -> dict[str, str]:
+    """Environment for boto3 clients (and MLflow) to reach the local S3 server."""
+    return {
+        "MLFLOW_S3_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": S3_KEY,
+        "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
+
+
+@contextmanager
+def mlflow_server(root: Path, artifacts: str) -> Iterator[str]:
+    """`mlflow server` on loopback with a SQLite store; yields its URL.
+
+    `artifacts` is the artifact destination (an s3:// URI on the local S3 server); the
+    server proxies artifact traffic, so clients only talk HTTP to it.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    command = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}"]
+    command += ["--artifacts-destination", artifacts, "--workers", "1"]
+    log = (root / "server.log").open("wb")
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                output = (root / "server.log").read_text()
+                raise RuntimeError(f"mlflow server did not start:\n{output}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
