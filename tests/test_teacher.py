@@ -258,6 +258,7 @@ def test_counts_are_logged_to_an_active_mlflow_run(tmp_path):
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("embed-test")  # never the active experiment of an earlier test
     params = EmbedParams(cache_dir=str(tmp_path / "cache"), batch_size=8)
     with mlflow.start_run() as run:
         run_embed(params, texts=_texts(12))
