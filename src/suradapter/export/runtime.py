@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 import onnxruntime as ort
@@ -131,9 +132,9 @@ class OnnxTextPath:
         model = Path(folder) / MODEL_FILE
         if not model.is_file():
             raise FileNotFoundError(f"no {MODEL_FILE} in {folder}: run `sur export` first")
-        metadata_probe = ort.InferenceSession(str(model), providers=[PROVIDERS["cpu"]])
-        metadata = dict(metadata_probe.get_modelmeta().custom_metadata_map)
-        del metadata_probe
+        header = onnx.load(str(model), load_external_data=False)  # graph only, no session
+        metadata = {prop.key: prop.value for prop in header.metadata_props}
+        del header
         fp16 = metadata.get("dtype") == "float16"
         session, provider = create_session(model, preference or ["cpu"], trt_cache_dir, fp16)
         return cls(session, provider, metadata)
