@@ -103,9 +103,10 @@ def _export_into(
     adapter_dir: Path | None,
     base_model: str,
 ) -> dict:
-    reference = copy.deepcopy(path).float().eval()
-    dtype = torch.float16 if params.fp16 else torch.float32
-    module = exportable(copy.deepcopy(reference).to(dtype)).eval()
+    reference = copy.deepcopy(path).float().eval()  # the caller's model stays untouched
+    # fp32 exports the reference copy itself; only fp16 needs a second, converted copy.
+    target = copy.deepcopy(reference).half() if params.fp16 else reference
+    module = exportable(target).eval()
     tokens = reference.tokenize(params.parity_prompts[:2])
     args = (tokens.input_ids,)
     if isinstance(module, _WithMask):

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
+from suradapter.atomic import atomic_write_bytes
+
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)$")
 DONE_MARKER = "done"
 KEEP_CHECKPOINTS = 2
@@ -38,9 +40,8 @@ def claim_checkpoints(folder: Path, fingerprint: str, settings: dict) -> bool:
     if stale:
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    temp = record.with_suffix(".tmp")
-    temp.write_text(json.dumps({"fingerprint": fingerprint, "settings": settings}, default=str))
-    temp.replace(record)
+    claim = json.dumps({"fingerprint": fingerprint, "settings": settings}, default=str)
+    atomic_write_bytes(record, claim.encode())
     return stale
 
 
