@@ -290,6 +290,74 @@ class ExportParams(StrictModel):
     trt_cache_dir: str = Field(".sur/trt_cache", description="TensorRT engine cache folder.")
 
 
+class GateParams(StrictModel):
+    min_gap_closure: float = Field(
+        0.6,
+        description="Required share of the base keyword-narrative accuracy gap the adapter "
+        "closes (shapes world), averaged over attributes whose gap is large enough.",
+    )
+    max_keyword_drop: float = Field(
+        0.02, ge=0, description="Largest allowed fall in keyword-prompt accuracy (0-1 scale)."
+    )
+    max_denoise_increase: float = Field(
+        0.05,
+        ge=0,
+        description="Largest allowed relative rise of held-out denoising loss on keyword "
+        "prompts with the adapter against the base.",
+    )
+    min_retrieval_top1: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Least retrieval top-1 of adapted narrative among keyword embeddings.",
+    )
+    min_margin_over_production: float = Field(
+        0.0,
+        description="Narrative accuracy the candidate must gain over @production (0-1 scale; "
+        "negative allows a small regression).",
+    )
+
+
+class EvaluateParams(StrictModel):
+    adapter_dir: str = Field("outputs/adapter", description="The adapter to evaluate.")
+    output_dir: str = Field("outputs/eval", description="Where report.json and plots go.")
+    images_per_combination: int = Field(
+        8, ge=1, description="Generated images per held-out combination (fixed seed)."
+    )
+    min_gap_points: float = Field(
+        10.0,
+        ge=0,
+        description="Attributes whose base keyword-narrative gap is smaller (in points) are "
+        "left out of gap closure.",
+    )
+    denoise_batches: int = Field(
+        8, ge=1, description="Batches of held-out rows for the denoising-loss guard."
+    )
+    alignment_rows: int = Field(
+        512, ge=1, description="Held-out rows scored for embedding alignment and retrieval."
+    )
+    clip_model: str | None = Field(
+        None, description="Local CLIP model path for CLIP score (real profile); null skips it."
+    )
+    grid_prompts: int = Field(6, ge=1, description="Prompts in the logged image grid.")
+    gates: GateParams = Field(default_factory=GateParams, description="Promotion gates.")
+
+
+class RegistryParams(StrictModel):
+    model_name: str = Field("sur-adapter", description="MLflow registered model name.")
+    experiment: str = Field(
+        "sur-adapter-registry", description="MLflow experiment of registration runs."
+    )
+    promotion: Literal["auto", "manual"] = Field(
+        "auto",
+        description="auto: the pipeline promotes a candidate that passed every gate to "
+        "production; manual: it stops at @candidate for a human.",
+    )
+    poll_seconds: float = Field(
+        10.0, gt=0, description="How often serving checks the production alias."
+    )
+
+
 class Params(StrictModel):
     profile: str = Field("shapes", description="Active profile: tiny, shapes or sd15.")
     seed: int = Field(0, description="Global seed for stages that draw random numbers.")
@@ -321,6 +389,12 @@ class Params(StrictModel):
     )
     export: ExportParams = Field(
         default_factory=ExportParams, description="ONNX export of the adapted text path."
+    )
+    evaluate: EvaluateParams = Field(
+        default_factory=EvaluateParams, description="Evaluation and promotion gates."
+    )
+    registry: RegistryParams = Field(
+        default_factory=RegistryParams, description="MLflow model registry and promotion."
     )
 
 
