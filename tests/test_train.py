@@ -211,7 +211,8 @@ def test_mlflow_run_has_params_metrics_plots_and_lineage(tiny_project):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from suradapter.train.track import tracking_uri, train_with_tracking
+    from suradapter.tracking import tracking_uri
+    from suradapter.train.track import train_with_tracking
 
     root = tiny_project.parent
     params = _params(

@@ -36,7 +36,7 @@ class AdapterTrainingData:
         self,
         manifest: Path,
         tokenizer: CLIPTokenizer,
-        teacher_cache: TeacherCache,
+        teacher_cache: TeacherCache | None,
         split: str = "train",
     ) -> None:
         table = pq.read_table(manifest, columns=["text", "prompt", "image_path", "split"])
@@ -50,8 +50,11 @@ class AdapterTrainingData:
         narrative = _tokenize(tokenizer, [*self.texts, ""])
         self.narrative_ids, self.narrative_mask = narrative.input_ids, narrative.attention_mask
         keyword = _tokenize(tokenizer, [*self.prompts, ""])
-        self.keyword_ids = keyword.input_ids
-        teacher = teacher_cache.get([text_key(text) for text in self.texts])
+        self.keyword_ids, self.keyword_mask = keyword.input_ids, keyword.attention_mask
+        if teacher_cache is None:  # evaluation needs no teacher features
+            teacher = torch.zeros(len(rows), 1)
+        else:
+            teacher = teacher_cache.get([text_key(text) for text in self.texts])
         self.teacher = torch.cat([teacher, torch.zeros(1, teacher.shape[1])])
         self.empty = len(rows)  # index of the "" prompt row (caption dropout)
 

@@ -8,7 +8,6 @@ tracking server is up.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -21,22 +20,11 @@ from suradapter.model.adapter import SURAdapter
 from suradapter.model.text_path import AdaptedTextPath
 from suradapter.model.zoo import load_base_from_params
 from suradapter.provenance import dvc_output_hashes, git_commit
+from suradapter.tracking import LOCAL_ARTIFACTS, tracking_uri
 from suradapter.train.adapter import TrainResult, train_adapter
 
-LOCAL_STORE = Path(".sur/mlflow.db")
-LOCAL_ARTIFACTS = Path(".sur/mlartifacts")
 LOSS_TERMS = ("total", "denoise", "llm_distill", "alignment")
 GRID_SCALE = 4
-
-
-def tracking_uri(params: Params) -> str:
-    """The MLflow tracking URI: params, then $MLFLOW_TRACKING_URI, then the local store."""
-    if params.train.tracking_uri:
-        return params.train.tracking_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    LOCAL_STORE.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{LOCAL_STORE.resolve()}"
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:

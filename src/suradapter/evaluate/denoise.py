@@ -1,0 +1,59 @@
+"""Held-out denoising loss: the image-quality guard in the model's own objective.
+
+The same held-out rows, noise and timesteps for every conditioning, so the only thing that
+differs between the base and the adapter figure is the prompt embedding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+from suradapter.train.data import AdapterTrainingData
+
+ConditionFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@torch.inference_mode()
+def heldout_denoise_loss(
+    pipeline: StableDiffusionPipeline,
+    data: AdapterTrainingData,
+    conditions: dict[str, ConditionFn],
+    prompt_field: str,
+    batches: int,
+    batch_size: int,
+    seed: int,
+) -> dict[str, float]:
+    """Mean epsilon/v MSE per conditioning over fixed held-out batches.
+
+    `conditions[name](ids, mask)` turns token ids of `prompt_field` ("keyword" or
+    "narrative") into prompt embeddings [B, T, D].
+    """
+    scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    generator = torch.Generator().manual_seed(seed)
+    totals = dict.fromkeys(conditions, 0.0)
+    count = min(batches, max(1, len(data) // batch_size))
+    for _ in range(count):
+        rows = torch.randint(len(data), (batch_size,), generator=generator)
+        batch = data.batch(rows, torch.zeros(batch_size, dtype=torch.bool))
+        latents = pipeline.vae.encode(batch.pixels.to(pipeline.vae.dtype)).latent_dist.mode()
+        latents = latents * pipeline.vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=generator)
+        steps = scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, steps, (batch_size,), generator=generator)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        if scheduler.config.prediction_type == "v_prediction":
+            target = scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        if prompt_field == "keyword":
+            ids, mask = batch.keyword_ids, data.keyword_mask[rows]
+        else:
+            ids, mask = batch.narrative_ids, batch.narrative_mask
+        for name, condition in conditions.items():
+            embeds = condition(ids, mask).to(pipeline.unet.dtype)
+            prediction = pipeline.unet(noisy, timesteps, encoder_hidden_states=embeds).sample
+            totals[name] += float((prediction.float() - target.float()).pow(2).mean())
+    return {name: total / count for name, total in totals.items()}

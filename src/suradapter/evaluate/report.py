@@ -1,0 +1,91 @@
+"""The evaluation's outputs: report.json, report.md and plots, written as one folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from matplotlib.figure import Figure
+from PIL import Image
+
+from suradapter.atomic import recover_dir, replace_dir, staging_dir
+from suradapter.evaluate.oracle import ATTRIBUTES
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+ATTRIBUTE_PLOT = "attributes.png"
+GRID_IMAGE = "grid.png"
+
+
+def attribute_figure(semantic: dict[str, dict[str, dict[str, float]]]) -> Figure:
+    """Grouped bars per attribute (models side by side), one panel per prompt set."""
+    figure = Figure(figsize=(4.5 * len(semantic), 3.4))
+    axes = figure.subplots(1, len(semantic), squeeze=False)[0]
+    for axis, (set_name, models) in zip(axes, semantic.items(), strict=True):
+        width = 0.8 / len(models)
+        for index, (model, scores) in enumerate(models.items()):
+            xs = [i + (index - (len(models) - 1) / 2) * width for i in range(len(ATTRIBUTES))]
+            axis.bar(xs, [scores[a] for a in ATTRIBUTES], width, label=model)
+        axis.set_xticks(range(len(ATTRIBUTES)), ATTRIBUTES)
+        axis.set_ylim(0, 1)
+        axis.set_title(set_name.replace("_", " "), fontsize=9)
+    axes[0].set_ylabel("oracle accuracy")
+    axes[0].legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def markdown(report: dict) -> str:
+    """A short human summary: verdict, gates, headline figures."""
+    verdict = "PASSED" if report["passed"] else "FAILED"
+    lines = [f"# Evaluation: {verdict}", "", f"adapter sha256 `{report['adapter_sha256']}`", ""]
+    lines += ["| gate | verdict | value | threshold |", "|---|---|---|---|"]
+    for gate in report["gates"]:
+        value = "n/a" if gate["value"] is None else f"{gate['value']:.4f}"
+        mark = "pass" if gate["passed"] else "**fail**"
+        lines.append(f"| {gate['name']} | {mark} | {value} | {gate['rule']} {gate['threshold']} |")
+    metrics = report["metrics"]
+    lines.append("")
+    for name in ("narrative_accuracy", "keyword_accuracy"):
+        if metrics.get(name):
+            pairs = ", ".join(f"{k} {v:.3f}" for k, v in metrics[name].items())
+            lines.append(f"- {name.replace('_', ' ')} (mean over attributes): {pairs}")
+    if metrics.get("gap_closure") is not None:
+        lines.append(
+            f"- gap closure {metrics['gap_closure']:.3f} over {metrics['gap_closure_attributes']}"
+            f"; narrative gain {metrics['narrative_gain_points']:+.1f} points"
+        )
+    alignment = metrics["alignment"]
+    for metric in ("cosine", "retrieval_top1"):
+        pairs = ", ".join(f"{k} {v:.3f}" for k, v in alignment[metric].items())
+        lines.append(f"- alignment {metric}: {pairs}")
+    denoise = metrics["denoise"]["keyword"]
+    lines.append(
+        f"- held-out denoising loss (keyword prompts): base {denoise['base']:.4f}, "
+        f"adapter {denoise['adapter']:.4f} ({denoise['relative_increase']:+.2%})"
+    )
+    lines.append(f"- CLIP score: {metrics['clip_score_note']}")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(folder: Path, report: dict, grid: Image.Image | None) -> Path:
+    """Write report.json, report.md, the attribute plot and the grid into `folder` at once."""
+    recover_dir(folder)
+    staging = staging_dir(folder)
+    (staging / REPORT_JSON).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    (staging / REPORT_MD).write_text(markdown(report))
+    semantic = report["metrics"].get("semantic")
+    if semantic:
+        attribute_figure(semantic).savefig(staging / ATTRIBUTE_PLOT, dpi=100)
+    if grid is not None:
+        grid.save(staging / GRID_IMAGE)
+    replace_dir(staging, folder)
+    return folder / REPORT_JSON
+
+
+def read_report(folder: Path) -> dict:
+    """Load a report.json; raises FileNotFoundError naming the path when absent."""
+    path = Path(folder) / REPORT_JSON
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no evaluation report (run `sur evaluate`)")
+    return json.loads(path.read_text())

@@ -1,0 +1,209 @@
+"""`sur evaluate`: score an adapter against the base and @production, then apply the gates.
+
+The figures (see `report.json`):
+- semantic accuracy (shapes world): the oracle reads count/colour/shape from images of
+  narrative prompts, held-out combinations and held-out templates separately, with a
+  fixed seed; keyword-prompt accuracy with and without the adapter is the quality guard;
+- embedding alignment (every profile): cosine and retrieval top-1 of the adapted
+  narrative embedding among the keyword-prompt embeddings of the held-out rows;
+- held-out denoising loss on keyword prompts, base vs adapter (quality guard);
+- CLIP score when `evaluate.clip_model` points at a local CLIP model.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import logging as diffusers_logging
+
+from suradapter.config import Params
+from suradapter.evaluate.alignment import embedding_alignment
+from suradapter.evaluate.denoise import heldout_denoise_loss
+from suradapter.evaluate.gates import Gate, decide_gates
+from suradapter.evaluate.semantic import (
+    HELDOUT_COMBINATIONS,
+    KEYWORD,
+    attribute_mean,
+    gap_closure,
+    prompt_sets,
+    score_sets,
+)
+from suradapter.model.adapter import SURAdapter
+from suradapter.model.text_path import AdaptedTextPath
+from suradapter.model.zoo import load_base_from_params
+from suradapter.provenance import sha256_file
+from suradapter.train.data import AdapterTrainingData
+
+ADAPTER_WEIGHTS = "diffusion_pytorch_model.safetensors"
+TEST_SPLIT = "test"
+
+
+@dataclass
+class EvaluationResult:
+    report: dict
+    gates: list[Gate]
+
+    @property
+    def passed(self) -> bool:
+        return self.report["passed"]
+
+    @property
+    def failed_gates(self) -> list[Gate]:
+        return [gate for gate in self.gates if not gate.passed]
+
+
+def is_shapes_world(params: Params) -> bool:
+    """The oracle applies when the SURD source is the rendered shapes world."""
+    return Path(params.prepare.source) == Path(params.shapes.output_dir)
+
+
+def load_adapter(folder: Path) -> SURAdapter:
+    """Load a saved adapter in eval mode; raises FileNotFoundError naming the folder."""
+    if not (Path(folder) / ADAPTER_WEIGHTS).is_file():
+        raise FileNotFoundError(f"{folder}: no trained adapter ({ADAPTER_WEIGHTS} missing)")
+    return SURAdapter.from_pretrained(folder).eval()
+
+
+def heldout_pairs(manifest: Path, limit: int) -> tuple[list[str], list[str]]:
+    """(narrative, keyword) prompts of the first `limit` test-split rows."""
+    table = pq.read_table(manifest, columns=["text", "prompt", "split"]).to_pylist()
+    rows = [row for row in table if row["split"] == TEST_SPLIT][:limit]
+    if not rows:
+        raise ValueError(f"{manifest}: no rows in split '{TEST_SPLIT}' to evaluate on")
+    return [row["text"] for row in rows], [row["prompt"] for row in rows]
+
+
+def _plain_encoder(pipeline: StableDiffusionPipeline):
+    def encode(prompts: list[str]) -> torch.Tensor:
+        tokens = pipeline.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=pipeline.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        return pipeline.text_encoder(tokens.input_ids)[0]
+
+    return encode
+
+
+def _conditioning(pipeline: StableDiffusionPipeline, path: AdaptedTextPath | None):
+    def condition(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if path is None:
+            return pipeline.text_encoder(ids)[0]
+        return path(ids, mask)
+
+    return condition
+
+
+def evaluate_adapter(
+    params: Params,
+    adapter_dir: Path | None = None,
+    production: tuple[str, SURAdapter] | None = None,
+    grid: bool = True,
+) -> EvaluationResult:
+    """Score the adapter in `adapter_dir` (default: evaluate.adapter_dir) and decide gates.
+
+    `production` is (version, adapter) of the model behind @production, when there is one.
+    """
+    started = time.monotonic()
+    diffusers_logging.set_verbosity_error()  # long narratives: one truncation notice per batch
+    settings = params.evaluate
+    folder = Path(adapter_dir or settings.adapter_dir)
+    adapter = load_adapter(folder)
+    pipeline = load_base_from_params(params.base_model)
+    path = AdaptedTextPath.from_pipeline(pipeline, adapter)
+    models: dict[str, AdaptedTextPath] = {"adapter": path}
+    if production is not None:
+        models["production"] = AdaptedTextPath.from_pipeline(pipeline, production[1].eval())
+
+    metrics: dict = {"production_version": production[0] if production else None}
+    narratives, keywords = heldout_pairs(Path(params.embed.manifest), settings.alignment_rows)
+    base_encode = _plain_encoder(pipeline)
+    encoders = {"base": base_encode} | {name: m.encode for name, m in models.items()}
+    metrics["alignment"] = embedding_alignment(narratives, keywords, encoders, base_encode)
+
+    data = AdapterTrainingData(
+        Path(params.embed.manifest), pipeline.tokenizer, None, split=TEST_SPLIT
+    )
+    conditions = {"base": _conditioning(pipeline, None), "adapter": _conditioning(pipeline, path)}
+    metrics["denoise"] = {}
+    for field in ("keyword", "narrative"):
+        losses = heldout_denoise_loss(
+            pipeline,
+            data,
+            conditions,
+            field,
+            settings.denoise_batches,
+            params.train.batch_size,
+            params.sampling.seed + 1,
+        )
+        losses["relative_increase"] = losses["adapter"] / losses["base"] - 1.0
+        metrics["denoise"][field] = losses
+
+    if is_shapes_world(params):
+        metrics |= _semantic_metrics(params, pipeline, models)
+    else:
+        metrics |= {"semantic": None, "narrative_accuracy": None, "keyword_accuracy": None}
+        metrics["gap_closure_measured"] = False
+        if production is not None:
+            retrieval = metrics["alignment"]["retrieval_top1"]
+            metrics["production_margin"] = retrieval["adapter"] - retrieval["production"]
+    metrics["clip_score"] = None
+    metrics["clip_score_note"] = (
+        "skipped: evaluate.clip_model is not set"
+        if settings.clip_model is None
+        else f"skipped: CLIP score is not implemented for {settings.clip_model} yet"
+    )
+
+    gates = decide_gates(metrics, settings.gates)
+    report = {
+        "passed": all(gate.passed for gate in gates),
+        "adapter_sha256": sha256_file(folder / ADAPTER_WEIGHTS),
+        "adapter_dir": str(folder),
+        "profile": params.profile,
+        "base_model": params.base_model.id,
+        "gates": [gate.as_dict() for gate in gates],
+        "metrics": metrics,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    return EvaluationResult(report, gates)
+
+
+def _semantic_metrics(
+    params: Params, pipeline: StableDiffusionPipeline, models: dict[str, AdaptedTextPath]
+) -> dict:
+    """Oracle accuracy of base, adapter (and production) on the three prompt sets."""
+    settings = params.evaluate
+    sets = prompt_sets(params.shapes, params.sampling, settings.images_per_combination)
+    scores = {"base": score_sets(pipeline, sets, params.sampling, embed=None)}
+    for name, model in models.items():
+        scores[name] = score_sets(pipeline, sets, params.sampling, embed=model.pipeline_embeds)
+    semantic = {
+        set_name: {model: scores[model][set_name].as_dict() for model in scores}
+        for set_name in sets
+    }
+    base, adapter = scores["base"], scores["adapter"]
+    closure, used = gap_closure(
+        base[KEYWORD], base[HELDOUT_COMBINATIONS], adapter[HELDOUT_COMBINATIONS],
+        settings.min_gap_points,
+    )  # fmt: skip
+    narrative = {m: attribute_mean(s[HELDOUT_COMBINATIONS]) for m, s in scores.items()}
+    result = {
+        "semantic": semantic,
+        "semantic_n": {name: s.n for name, s in base.items()},
+        "narrative_accuracy": narrative,
+        "keyword_accuracy": {m: attribute_mean(s[KEYWORD]) for m, s in scores.items()},
+        "gap_closure": closure,
+        "gap_closure_attributes": used,
+        "gap_closure_measured": True,
+        "narrative_gain_points": 100 * (narrative["adapter"] - narrative["base"]),
+    }
+    if "production" in scores:
+        result["production_margin"] = narrative["adapter"] - narrative["production"]
+    return result

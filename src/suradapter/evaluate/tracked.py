@@ -1,0 +1,86 @@
+"""`sur evaluate` end to end: find @production, evaluate, write the report, log to MLflow."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import mlflow
+
+from suradapter.config import Params
+from suradapter.evaluate.report import write_report
+from suradapter.evaluate.run import EvaluationResult, evaluate_adapter, load_adapter
+from suradapter.model.adapter import SURAdapter
+from suradapter.provenance import git_commit
+from suradapter.tracking import tracking_uri
+from suradapter.train.track import comparison_grid, ensure_experiment, flatten
+
+
+def production_baseline(params: Params, workdir: Path) -> tuple[str, SURAdapter] | None:
+    """(version, adapter) behind @production, or None when nothing is in production."""
+    from suradapter.registry import fetch_version, resolve
+
+    version = resolve(params, "production")
+    if version is None:
+        return None
+    fetched = fetch_version(params, f"models:/{params.registry.model_name}/{version}", workdir)
+    return version, load_adapter(fetched.root / "artifacts" / "adapter")
+
+
+def grid_prompts(params: Params) -> list[str]:
+    """Narrative prompts of the held-out combinations for the image grid."""
+    from suradapter.evaluate.semantic import HELDOUT_COMBINATIONS, prompt_sets
+
+    sets = prompt_sets(params.shapes, params.sampling, params.evaluate.images_per_combination)
+    prompts = sets[HELDOUT_COMBINATIONS].prompts
+    step = max(1, len(prompts) // params.evaluate.grid_prompts)
+    return prompts[::step][: params.evaluate.grid_prompts]
+
+
+def evaluate_with_tracking(
+    params: Params, adapter_dir: Path | None = None, use_production: bool = True
+) -> EvaluationResult:
+    """Evaluate inside an MLflow run; write evaluate.output_dir; log report, plots, metrics."""
+    from suradapter.evaluate.run import is_shapes_world
+
+    uri = tracking_uri(params)
+    mlflow.set_tracking_uri(uri)
+    with tempfile.TemporaryDirectory(prefix="sur-production-") as workdir:
+        production = production_baseline(params, Path(workdir)) if use_production else None
+        result = evaluate_adapter(params, adapter_dir, production)
+    folder = Path(adapter_dir or params.evaluate.adapter_dir)
+    grid = None
+    if is_shapes_world(params):
+        grid = comparison_grid(params, load_adapter(folder), grid_prompts(params))
+    output = Path(params.evaluate.output_dir)
+    write_report(output, result.report, grid)
+    ensure_experiment(params.train.experiment, local=uri.startswith("sqlite:"))
+    with mlflow.start_run(run_name="evaluate", nested=mlflow.active_run() is not None):
+        mlflow.log_params(flatten({"evaluate": params.evaluate.model_dump(mode="json")}))
+        mlflow.set_tags(
+            {
+                "git_commit": git_commit(),
+                "adapter_sha256": result.report["adapter_sha256"],
+                "gate_verdict": "passed" if result.passed else "failed",
+            }
+        )
+        mlflow.log_metrics(headline_metrics(result.report))
+        mlflow.log_artifacts(str(output), "eval")
+    return result
+
+
+def headline_metrics(report: dict) -> dict[str, float]:
+    """The report's scalar figures, flattened for MLflow (None values left out)."""
+    metrics = report["metrics"]
+    flat = {f"gate_{g['name']}": g["value"] for g in report["gates"]}
+    for name in ("narrative_accuracy", "keyword_accuracy"):
+        for model, value in (metrics.get(name) or {}).items():
+            flat[f"{name}_{model}"] = value
+    for metric, values in metrics["alignment"].items():
+        if isinstance(values, dict):
+            flat |= {f"alignment_{metric}_{model}": v for model, v in values.items()}
+    for field, values in metrics["denoise"].items():
+        flat |= {f"denoise_{field}_{name}": v for name, v in values.items()}
+    flat["gap_closure"] = metrics.get("gap_closure")
+    flat["passed"] = float(report["passed"])
+    return {k: float(v) for k, v in flat.items() if v is not None}

@@ -1,0 +1,95 @@
+"""The pyfunc flavour of a registered version: prompts in, adapted prompt embeddings out.
+
+    model = mlflow.pyfunc.load_model("models:/sur-adapter@production")
+    embeds = model.predict(["a prompt"])   # numpy float32 [N, T, D]
+
+Input is a list of prompt strings (MLflow checks it against the `list[str]` type hint, so a
+bare string is refused; a one-column DataFrame of strings also works). It runs the exported
+ONNX text path (`artifacts/export/text_path.onnx`) with the tokenizer saved beside it,
+padding and truncating exactly as the Stable Diffusion pipeline does; the output is what
+`StableDiffusionPipeline(prompt_embeds=...)` takes. Loading checks every file under
+artifacts/ against SHA256SUMS first (`model_config={"verify_checksums": False}` skips it),
+and ORT providers follow `model_config["providers"]` (those unusable here are skipped).
+The version's pyfunc code is this installed package (see `pyfunc_entry.py`), so loading
+needs `suradapter` importable: use `--env-manager local` with `mlflow models serve`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+
+from suradapter.export.runtime import OnnxTextPath
+from suradapter.provenance import verify_checksums
+from suradapter.registry.errors import RegistryError
+from suradapter.registry.layout import TOKENIZER_DIR
+
+DEFAULT_PROVIDERS = ["cuda", "cpu"]
+
+
+def load_export_tokenizer(folder: Path) -> Any:
+    """The export's CLIP tokenizer. Raises RegistryError if it loaded without its vocabulary.
+
+    `CLIPTokenizer.from_pretrained(folder)`: with transformers 5, `CLIPTokenizer(vocab_file=...)`
+    silently drops the files and maps every word to <|endoftext|>.
+    """
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(folder)
+    if tokenizer.vocab_size <= 2:
+        raise RegistryError(f"tokenizer in {folder} loaded without its vocabulary")
+    return tokenizer
+
+
+def as_prompts(model_input: Any) -> list[str]:
+    """Prompts from a string, a list of strings, a 1-D array or a DataFrame (`prompt` column
+    or the first one). Raises ValueError for anything else."""
+    if isinstance(model_input, str):
+        return [model_input]
+    if hasattr(model_input, "columns"):  # pandas DataFrame, as MLflow serving sends it
+        column = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
+        model_input = model_input[column].tolist()
+    elif isinstance(model_input, np.ndarray):
+        model_input = model_input.ravel().tolist()
+    prompts = list(model_input)
+    bad = [type(p).__name__ for p in prompts if not isinstance(p, str)]
+    if bad or not prompts:
+        raise ValueError(f"expected a non-empty list of prompt strings, got items of {bad}")
+    return prompts
+
+
+class AdaptedTextPathModel(mlflow.pyfunc.PythonModel):
+    """`predict(prompts)` -> adapted prompt embeddings, numpy float32 [N, T, D]."""
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        config = context.model_config or {}
+        export = Path(context.artifacts["export"])
+        if config.get("verify_checksums", True):
+            problems = verify_checksums(export.parent)
+            if problems:
+                raise RegistryError(
+                    f"model files under {export.parent} fail SHA256SUMS: {'; '.join(problems)}"
+                )
+        providers = list(config.get("providers") or DEFAULT_PROVIDERS)
+        cache = config.get("trt_cache_dir")
+        self.text_path = OnnxTextPath.load(export, providers, Path(cache) if cache else None)
+        self.tokenizer = load_export_tokenizer(export / TOKENIZER_DIR)
+
+    def predict(
+        self,
+        context: mlflow.pyfunc.PythonModelContext | None,
+        model_input: list[str],
+        params: dict[str, Any] | None = None,
+    ) -> np.ndarray:
+        prompts = as_prompts(model_input)
+        tokens = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.text_path.max_length,
+            truncation=True,
+            return_tensors="np",
+        )
+        return self.text_path.run(tokens["input_ids"], tokens["attention_mask"])

@@ -1,0 +1,176 @@
+"""`sur evaluate`: the metrics' math, the gates, and the CLI end to end on the tiny profile."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import yaml
+
+from suradapter.config import GateParams, load_params
+from suradapter.evaluate.alignment import alignment_scores
+from suradapter.evaluate.gates import decide_gates
+from suradapter.evaluate.oracle import OracleScore
+from suradapter.evaluate.semantic import gap_closure
+
+BIN = Path(sys.executable).parent
+
+
+def score(count: float, colour: float, shape: float) -> OracleScore:
+    return OracleScore(count, colour, shape, all=0.0, n=10)
+
+
+def test_gap_closure_averages_only_attributes_with_a_real_gap():
+    base_keyword, base_narrative = score(0.9, 1.0, 0.50), score(0.4, 0.2, 0.45)
+    adapter = score(0.8, 0.4, 0.9)
+    closure, used = gap_closure(base_keyword, base_narrative, adapter, min_gap_points=10)
+    assert used == ["count", "colour"]  # shape's 5-point gap is left out
+    assert closure == pytest.approx((0.4 / 0.5 + 0.2 / 0.8) / 2)
+    worse, _ = gap_closure(base_keyword, base_narrative, score(0.3, 0.1, 0.0), 10)
+    assert worse < 0
+    assert gap_closure(base_keyword, base_keyword, adapter, 10) == (None, [])
+
+
+def test_alignment_scores_rank_the_own_keyword_first():
+    keywords = torch.nn.functional.normalize(torch.randn(5, 12), dim=1)
+    own = torch.tensor([0, 1, 2, 3, 4, 0])
+    exact = alignment_scores(keywords[own], keywords, own)
+    assert exact == pytest.approx({"cosine": 1.0, "retrieval_top1": 1.0})
+    shifted = alignment_scores(keywords[(own + 1) % 5], keywords, own)
+    assert shifted["retrieval_top1"] == 0.0
+    assert shifted["cosine"] < 1.0
+
+
+def _metrics(closure, base_kw, adapter_kw, denoise_increase, retrieval, margin=None) -> dict:
+    metrics = {
+        "gap_closure_measured": True,
+        "gap_closure": closure,
+        "keyword_accuracy": {"base": base_kw, "adapter": adapter_kw},
+        "denoise": {"keyword": {"relative_increase": denoise_increase}},
+        "alignment": {"retrieval_top1": {"adapter": retrieval}},
+    }
+    if margin is not None:
+        metrics["production_margin"] = margin
+    return metrics
+
+
+def test_gates_follow_the_thresholds_in_params():
+    gates = GateParams(min_gap_closure=0.6, max_keyword_drop=0.02, max_denoise_increase=0.05)
+    good = decide_gates(_metrics(0.7, 0.9, 0.89, 0.01, 0.5), gates)
+    assert [g.name for g in good] == [
+        "gap_closure", "keyword_accuracy_drop", "denoise_loss_increase", "retrieval_top1"
+    ]  # fmt: skip
+    assert all(g.passed for g in good)
+    bad = {g.name: g for g in decide_gates(_metrics(0.5, 0.9, 0.85, 0.01, 0.5, -0.1), gates)}
+    assert not bad["gap_closure"].passed and bad["gap_closure"].value == 0.5
+    assert not bad["keyword_accuracy_drop"].passed
+    assert bad["keyword_accuracy_drop"].value == pytest.approx(0.05)
+    assert not bad["margin_over_production"].passed
+    assert "FAILED" in bad["gap_closure"].describe()
+    unmeasured = {g.name: g for g in decide_gates(_metrics(None, 0.9, 0.9, 0.0, 0.5), gates)}
+    assert not unmeasured["gap_closure"].passed  # no qualifying attribute never passes
+
+
+@pytest.fixture(scope="module")
+def eval_project(tmp_path_factory, repo_root) -> Path:
+    """Tiny profile: 96 prepared shapes samples, embedded, and a 6-step adapter."""
+    from suradapter.data.prepare import prepare_dataset
+    from suradapter.data.shapes import generate_shapes_dataset
+    from suradapter.teacher.embed import run_embed
+    from suradapter.train.adapter import train_adapter
+
+    root = tmp_path_factory.mktemp("eval-project")
+    shutil.copytree(repo_root / "configs", root / "configs")
+    raw = yaml.safe_load((repo_root / "params.yaml").read_text())
+    raw["shapes"].update(num_samples=96, output_dir=str(root / "raw"))
+    raw["prepare"].update(source=str(root / "raw"), output_dir=str(root / "prepared"))
+    raw["embed"].update(
+        manifest=str(root / "prepared/manifest.parquet"), cache_dir=str(root / "cache")
+    )
+    raw["train"].update(
+        output_dir=str(root / "adapter"),
+        checkpoint_dir=str(root / "ckpt"),
+        max_steps=6,
+        batch_size=8,
+        warmup_steps=2,
+        tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
+    )
+    raw["sampling"].update(steps=2)
+    raw["evaluate"].update(
+        adapter_dir=str(root / "adapter"),
+        output_dir=str(root / "eval"),
+        images_per_combination=4,
+        denoise_batches=1,
+        alignment_rows=16,
+        grid_prompts=2,
+    )
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    params = load_params(path, profile="tiny")
+    generate_shapes_dataset(params.shapes, Path(params.shapes.output_dir))
+    prepare_dataset(params.prepare)
+    run_embed(params.embed)
+    train_adapter(params)
+    return path
+
+
+def _evaluate(params_path: Path, *args: str) -> subprocess.CompletedProcess:
+    command = [str(BIN / "sur"), "--params", str(params_path), "--profile", "tiny", "evaluate"]
+    return subprocess.run(
+        [*command, "--no-production", *args],
+        cwd=params_path.parent,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_failing_gate_exits_non_zero_and_names_it(eval_project):
+    done = _evaluate(eval_project)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "gap_closure: FAILED" in done.stdout
+    report = json.loads((eval_project.parent / "eval/report.json").read_text())
+    assert report["passed"] is False
+    gate = next(g for g in report["gates"] if g["name"] == "gap_closure")
+    assert set(gate) >= {"name", "passed", "value", "threshold"} and gate["threshold"] == 0.6
+    metrics = report["metrics"]
+    for name in ("narrative_accuracy", "keyword_accuracy"):
+        assert set(metrics[name]) == {"base", "adapter"}
+    assert set(metrics["semantic"]) == {
+        "keyword", "narrative_heldout_combinations", "narrative_heldout_templates"
+    }  # fmt: skip
+    assert metrics["clip_score_note"].startswith("skipped")
+    files = {p.name for p in (eval_project.parent / "eval").iterdir()}
+    assert {"report.md", "attributes.png", "grid.png"} <= files
+    assert set(metrics["alignment"]["retrieval_top1"]) == {"base", "adapter"}
+
+
+def test_passing_report_plots_and_mlflow_run(eval_project):
+    """A non-shapes source (as in the real profile): alignment and denoising gates only."""
+    raw = yaml.safe_load(eval_project.read_text())
+    raw["shapes"]["output_dir"] = str(eval_project.parent / "not-the-source")
+    raw["evaluate"]["gates"].update(
+        min_gap_closure=-100.0, max_keyword_drop=1.0, max_denoise_increase=100.0
+    )
+    eval_project.write_text(yaml.safe_dump(raw, sort_keys=False))
+    done = _evaluate(eval_project)
+    assert done.returncode == 0, done.stdout + done.stderr
+    folder = eval_project.parent / "eval"
+    report = json.loads((folder / "report.json").read_text())
+    assert report["passed"] is True and all(g["passed"] for g in report["gates"])
+    assert {g["name"] for g in report["gates"]} == {"denoise_loss_increase", "retrieval_top1"}
+    assert report["metrics"]["semantic"] is None
+    assert "PASSED" in (folder / "report.md").read_text()
+    mlflow.set_tracking_uri(raw["train"]["tracking_uri"])
+    runs = mlflow.search_runs(experiment_names=["sur-adapter"], output_format="list")
+    latest = max(runs, key=lambda run: run.info.start_time)
+    assert latest.data.tags["gate_verdict"] == "passed"
+    assert latest.data.metrics["passed"] == 1.0
+    names = {a.path for a in mlflow.MlflowClient().list_artifacts(latest.info.run_id, "eval")}
+    assert {"eval/report.json", "eval/report.md"} <= names

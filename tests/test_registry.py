@@ -1,0 +1,408 @@
+"""The model registry on a real MLflow server whose artifacts live on a real S3 server.
+
+Register (passing and failing reports), promote, roll back, refusals, an S3 outage during
+registration, tampered files on fetch, and the pyfunc flavour against the ONNX text path.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import servers
+import yaml
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from PIL import Image
+from test_export import exported
+from typer.testing import CliRunner
+
+from suradapter.export.runtime import OnnxTextPath
+from suradapter.model.text_path import AdaptedTextPath
+from suradapter.provenance import sha256_file, verify_checksums
+from suradapter.registry import (
+    RegistryError,
+    fetch_version,
+    judge_report,
+    promote,
+    register_version,
+    registry_status,
+    resolve,
+    rollback,
+)
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+@dataclass
+class Artefacts:
+    path: AdaptedTextPath
+    adapter: Path
+    export: Path
+    passing: Path  # eval folder whose report passes for `adapter`
+    failing: Path  # eval folder whose report has a failed gate
+
+    def folders(self, eval_dir: Path | None = None) -> tuple[Path, Path, Path]:
+        return self.adapter, self.export, eval_dir or self.passing
+
+
+@dataclass
+class Servers:
+    url: str
+    s3: servers.S3Server
+
+
+def make_report(adapter_sha256: str, passed: bool = True, gate_passed: bool = True) -> dict:
+    gates = [
+        {"name": "min_gap_closure", "passed": gate_passed, "value": 0.7, "threshold": 0.6},
+        {"name": "max_keyword_drop", "passed": True, "value": 0.0, "threshold": 0.02},
+    ]
+    return {
+        "passed": passed,
+        "adapter_sha256": adapter_sha256,
+        "gates": gates,
+        "metrics": {"narrative_accuracy": 0.5},
+    }
+
+
+def write_eval(folder: Path, report: dict) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "report.json").write_text(json.dumps(report, indent=2))
+    (folder / "report.md").write_text(f"# Evaluation: {report['passed']}\n")
+    Image.new("RGB", (8, 8), "red").save(folder / "grid.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def artefacts(tiny_pipeline, tiny_params, tmp_path_factory) -> Artefacts:
+    root = tmp_path_factory.mktemp("registry-artefacts")
+    path, adapter_dir, result = exported(tiny_pipeline, tiny_params.export, root, "fixed")
+    sha = sha256_file(adapter_dir / WEIGHTS)
+    passing = write_eval(root / "eval-pass", make_report(sha))
+    failing = write_eval(root / "eval-fail", make_report(sha, passed=False, gate_passed=False))
+    return Artefacts(path, adapter_dir, result.folder, passing, failing)
+
+
+@pytest.fixture(scope="module")
+def registry_servers(tmp_path_factory):
+    """One S3 server and one MLflow server (SQLite, artifacts on S3) for the module."""
+    root = tmp_path_factory.mktemp("registry-servers")
+    with (
+        pytest.MonkeyPatch.context() as patch,
+        servers.s3_server(root / "s3", ("mlflow",)) as s3,
+    ):
+        for key, value in servers.s3_env(s3.endpoint).items():
+            patch.setenv(key, value)  # the MLflow server inherits these
+        with servers.mlflow_server(root / "mlflow", "s3://mlflow/artifacts") as url:
+            yield Servers(url, s3)
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture
+def registry_env(registry_servers, monkeypatch, repo_root) -> Servers:
+    for key, value in servers.s3_env(registry_servers.s3.endpoint).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry_servers.url)
+    monkeypatch.chdir(repo_root)  # git commit and dvc.lock of this repo
+    return registry_servers
+
+
+def named(params, name: str):
+    """`params` with registry.model_name set to `name`."""
+    registry = params.registry.model_copy(update={"model_name": name})
+    return params.model_copy(update={"registry": registry})
+
+
+@pytest.fixture
+def params(registry_env, tiny_params, request):
+    """Tiny params with a registered model name of this test's own."""
+    return named(tiny_params, re.sub(r"[^\w-]", "-", f"sur-{request.node.name}"))
+
+
+def versions_of(url: str, name: str) -> list[str]:
+    return [v.version for v in MlflowClient(url).search_model_versions(f"name = '{name}'")]
+
+
+def lock_dependency_md5(repo_root: Path, stage: str, path: str) -> str:
+    lock = yaml.safe_load((repo_root / "dvc.lock").read_text())["stages"][stage]
+    return next(dep["md5"] for dep in lock["deps"] if dep["path"] == path)
+
+
+# ---------------------------------------------------------------- report verdicts (no server)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({}, None),
+        ({"passed": False}, "passed=false"),
+        ({"gates": []}, "no gates"),
+        ({"adapter_sha256": "0" * 64}, "not for this adapter"),
+        ({"metrics": None}, "malformed"),
+    ],
+)
+def test_a_report_passes_only_with_every_gate_and_the_same_adapter(change, reason):
+    report = make_report("a" * 64) | change
+    verdict = judge_report(report, "a" * 64)
+    assert verdict.passed is (reason is None)
+    assert reason is None or reason in "; ".join(verdict.reasons)
+    failed_gate = judge_report(make_report("a" * 64, gate_passed=False), "a" * 64)
+    assert not failed_gate.passed and "gate min_gap_closure failed" in failed_gate.reasons[0]
+
+
+# ---------------------------------------------------------------------------- registration
+
+
+def test_a_passing_version_gets_candidate_lineage_tags_and_verifiable_files(
+    params, artefacts, registry_env, repo_root, tmp_path
+):
+    result = register_version(params, *artefacts.folders())
+    name = params.registry.model_name
+    assert result.passed and result.aliases == ["candidate"] and not result.reasons
+    assert resolve(params, "candidate") == result.version
+
+    tags = MlflowClient(registry_env.url).get_model_version(name, result.version).tags
+    assert tags["adapter_sha256"] == sha256_file(artefacts.adapter / WEIGHTS)
+    assert tags["gate_verdict"] == "passed"
+    assert tags["base_model"] == "tiny" and tags["teacher"] == params.embed.model
+    assert re.fullmatch(r"[0-9a-f]{40}|unknown", tags["git_commit"])
+    assert tags["surd_source_hash"] == lock_dependency_md5(
+        repo_root, "prepare", params.prepare.source
+    )
+    assert any(key.startswith("dvc.prepare/") for key in tags)
+
+    root = Path(
+        mlflow.artifacts.download_artifacts(
+            f"models:/{name}@candidate", dst_path=str(tmp_path / "download")
+        )
+    )
+    files = root / "artifacts"
+    for expected in (
+        "adapter/config.json",
+        f"adapter/{WEIGHTS}",
+        "export/text_path.onnx",
+        "export/export.json",
+        "export/tokenizer/tokenizer_config.json",
+        "eval/report.json",
+        "eval/report.md",
+        "eval/grid.png",
+        "SHA256SUMS",
+    ):
+        assert (files / expected).is_file(), expected
+    assert verify_checksums(files) == []
+
+    fetched = fetch_version(params, "candidate", tmp_path / "fetched")
+    assert fetched.version == result.version and fetched.tags["gate_verdict"] == "passed"
+    assert (fetched.artifacts / "export" / "text_path.onnx").is_file()
+
+
+def test_a_failing_version_is_registered_without_an_alias(params, artefacts, registry_env):
+    first = register_version(params, *artefacts.folders())
+    failed = register_version(params, *artefacts.folders(artefacts.failing))
+    assert not failed.passed and failed.aliases == []
+    assert any("min_gap_closure" in reason for reason in failed.reasons)
+    assert registry_status(params) == {"candidate": first.version}  # candidate did not move
+    tags = (
+        MlflowClient(registry_env.url)
+        .get_model_version(params.registry.model_name, failed.version)
+        .tags
+    )
+    assert tags["gate_verdict"] == "failed" and "min_gap_closure" in tags["gate_failures"]
+
+
+def test_a_report_for_another_adapter_does_not_pass(params, artefacts, tmp_path):
+    other = write_eval(tmp_path / "eval", make_report("0" * 64))
+    result = register_version(params, *artefacts.folders(other))
+    assert not result.passed and result.aliases == []
+    assert "not for this adapter" in result.reasons[0]
+
+
+def test_missing_inputs_are_named_before_anything_is_logged(params, artefacts, tmp_path):
+    with pytest.raises(RegistryError, match=r"eval folder .* lacks report.json.*sur evaluate"):
+        register_version(params, artefacts.adapter, artefacts.export, tmp_path)
+
+
+def test_an_s3_outage_during_register_leaves_no_version(
+    artefacts, tiny_params, tmp_path, monkeypatch, repo_root
+):
+    params = named(tiny_params, "sur-outage")
+    monkeypatch.chdir(repo_root)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail fast, no 4-minute backoff
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # nor boto3 retries inside the server
+    with ExitStack() as s3_stack:
+        s3 = s3_stack.enter_context(servers.s3_server(tmp_path / "s3", ("mlflow",)))
+        for key, value in servers.s3_env(s3.endpoint).items():
+            monkeypatch.setenv(key, value)
+        with servers.mlflow_server(tmp_path / "mlflow", "s3://mlflow/artifacts") as url:
+            monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+            s3_stack.close()  # the S3 server behind the MLflow server goes down
+            with pytest.raises(RegistryError, match=r"artifact upload failed.*S3 endpoint") as err:
+                register_version(params, *artefacts.folders())
+            assert "mlflow-artifacts" in str(err.value)  # the request that failed
+            assert versions_of(url, "sur-outage") == []
+            with pytest.raises(MlflowException, match="not found"):
+                MlflowClient(url).get_registered_model("sur-outage")
+
+
+def test_a_version_is_deleted_when_its_alias_cannot_be_set(
+    params, artefacts, registry_env, monkeypatch
+):
+    # The registry cannot be made to fail between two calls for real; only here is a fake used.
+    def refuse(self, name, alias, version):
+        raise MlflowException(f"alias service unavailable for {alias}")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MlflowClient, "set_registered_model_alias", refuse)
+        with pytest.raises(RegistryError, match="half-made version was deleted"):
+            register_version(params, *artefacts.folders())
+    assert versions_of(registry_env.url, params.registry.model_name) == []
+    assert registry_status(params) == {}
+
+
+# ------------------------------------------------------------------ promotion and rollback
+
+
+def test_promote_promote_and_rollback_move_production_and_previous(params, artefacts):
+    first = register_version(params, *artefacts.folders()).version
+    second = register_version(params, *artefacts.folders()).version
+
+    promoted = promote(params, first)
+    assert (promoted.production, promoted.previous, promoted.changed) == (first, None, True)
+    assert registry_status(params) == {"candidate": second, "production": first}
+    assert not promote(params, first).changed  # promoting production again changes nothing
+
+    promoted = promote(params, from_alias="candidate")
+    assert (promoted.production, promoted.previous) == (second, first)
+    assert registry_status(params) == {
+        "candidate": second,
+        "previous": first,
+        "production": second,
+    }
+
+    rolled = rollback(params)
+    assert (rolled.production, rolled.previous) == (first, second)
+    assert resolve(params, "production") == first and resolve(params, "previous") == second
+    rolled = rollback(params)  # a second rollback undoes the first
+    assert (rolled.production, rolled.previous) == (second, first)
+
+
+def test_promote_refuses_a_failed_version_and_keeps_production(params, artefacts):
+    good = register_version(params, *artefacts.folders()).version
+    promote(params, good)
+    failed = register_version(params, *artefacts.folders(artefacts.failing)).version
+    with pytest.raises(RegistryError, match=rf"version {failed} of .* cannot be promoted") as err:
+        promote(params, failed)
+    assert "gate_verdict is 'failed'" in str(err.value)
+    assert "gate min_gap_closure failed" in str(err.value)
+    assert registry_status(params) == {"candidate": good, "production": good}
+
+
+def test_promote_refuses_missing_versions_and_aliases(params, artefacts):
+    name = params.registry.model_name
+    register_version(params, *artefacts.folders())
+    with pytest.raises(RegistryError, match=rf"^version 99 of {name} does not exist$"):
+        promote(params, "99")
+    with pytest.raises(RegistryError, match=r"alias @staging of .* is not set"):
+        promote(params, from_alias="staging")
+    with pytest.raises(RegistryError, match="no @previous version to roll back to"):
+        rollback(params)
+    assert resolve(params, "production") is None
+
+
+def test_production_stays_when_moving_it_fails(params, artefacts, monkeypatch):
+    first = register_version(params, *artefacts.folders()).version
+    second = register_version(params, *artefacts.folders()).version
+    promote(params, first)
+    real = MlflowClient.set_registered_model_alias
+
+    def production_unavailable(self, name, alias, version):  # a fault between the two calls
+        if alias == "production":
+            raise MlflowException("registry went away")
+        return real(self, name, alias, version)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MlflowClient, "set_registered_model_alias", production_unavailable)
+        with pytest.raises(RegistryError, match=r"@production was left as it was") as err:
+            promote(params, second)
+    assert f"(version {first})" in str(err.value)
+    assert registry_status(params) == {"candidate": second, "production": first}
+
+
+# ------------------------------------------------------------------------- fetch and serve
+
+
+def test_fetch_version_names_each_tampered_or_missing_file(
+    params, artefacts, registry_env, tmp_path
+):
+    version = register_version(params, *artefacts.folders()).version
+    source = MlflowClient(registry_env.url).get_model_version(params.registry.model_name, version)
+    model_id = source.source.removeprefix("models:/")
+    pages = registry_env.s3.client.get_paginator("list_objects_v2").paginate(Bucket="mlflow")
+    keys = [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+    ours = [key for key in keys if f"/models/{model_id}/" in key]
+    export_json = next(key for key in ours if key.endswith("artifacts/export/export.json"))
+    report_md = next(key for key in ours if key.endswith("artifacts/eval/report.md"))
+    registry_env.s3.client.put_object(Bucket="mlflow", Key=export_json, Body=b'{"forged": 1}')
+    registry_env.s3.client.delete_object(Bucket="mlflow", Key=report_md)
+
+    dest = tmp_path / "fetched"
+    with pytest.raises(RegistryError, match="failed its checksum check") as err:
+        fetch_version(params, version, dest)
+    assert "artifacts/export/export.json: sha256 differs" in str(err.value)
+    assert "artifacts/eval/report.md: missing" in str(err.value)
+    assert not dest.exists() and not list(tmp_path.glob("fetched.*"))
+
+
+def test_pyfunc_production_predicts_the_onnx_text_path_embeddings(
+    registry_env, tiny_params, artefacts
+):
+    name = tiny_params.registry.model_name
+    assert name == "sur-adapter"
+    promote(tiny_params, register_version(tiny_params, *artefacts.folders()).version)
+    model = mlflow.pyfunc.load_model(f"models:/{name}@production")
+    prompts = ["a prompt", "three blue squares on a kitchen table"]
+    got = model.predict(prompts)
+    tokens = artefacts.path.tokenize(prompts)
+    expected = OnnxTextPath.load(artefacts.export).run(tokens.input_ids, tokens.attention_mask)
+    assert isinstance(got, np.ndarray) and got.dtype == np.float32
+    assert got.shape == expected.shape == (2, artefacts.path.max_length, expected.shape[-1])
+    assert np.abs(got - expected).max() <= 1e-5
+    one = model.predict(["a prompt"])
+    assert one.shape[0] == 1 and np.abs(one[0] - expected[0]).max() <= 1e-5
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_register_promote_status_and_refusals(registry_env, artefacts, repo_root, tmp_path):
+    from suradapter.cli import app
+
+    settings = yaml.safe_load((repo_root / "params.yaml").read_text())
+    settings["registry"]["model_name"] = "sur-cli"
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(settings))
+    runner = CliRunner()
+
+    def sur(*args: str):
+        result = runner.invoke(app, ["--params", str(params_file), *args])
+        return result.exit_code, " ".join(result.output.split())
+
+    adapter, export, passing = (str(folder) for folder in artefacts.folders())
+    code, out = sur("register", "--adapter", adapter, "--export", export, "--eval", passing)
+    assert code == 0 and "sur-cli version 1: gates passed; aliases: @candidate" in out, out
+    code, out = sur("promote")
+    assert code == 0 and "@production -> version 1" in out, out
+    code, out = sur("registry", "status")
+    assert code == 0 and "@candidate" in out and "@production" in out, out
+    code, out = sur("promote", "99")
+    assert code == 1 and "version 99 of sur-cli does not exist" in out, out
+    code, out = sur("rollback")
+    assert code == 1 and "no @previous version" in out, out
+    code, out = sur("register", "--eval", str(tmp_path))
+    assert code == 1 and "lacks report.json" in out, out
