@@ -12,6 +12,7 @@ OFFLINE_ENV = {
     "TRANSFORMERS_OFFLINE": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "TRANSFORMERS_VERBOSITY": "error",
+    "SUR_NO_STACK_ENV": "1",  # a developer's running `sur stack` must not capture test runs
 }
 for _key, _value in OFFLINE_ENV.items():
     os.environ.setdefault(_key, _value)

@@ -16,6 +16,8 @@ from rich.console import Console
 from rich.table import Table
 
 from suradapter.config import Params, ParamsError, load_params
+from suradapter.stack import apply_client_env
+from suradapter.stack.cli import stack_app
 
 if TYPE_CHECKING:
     from suradapter.model.adapter import SURAdapter
@@ -31,6 +33,7 @@ app.add_typer(params_app, name="params")
 shapes_app = typer.Typer(help="The procedurally rendered shapes world.", no_args_is_help=True)
 app.add_typer(adapter_app, name="adapter")
 app.add_typer(shapes_app, name="shapes")
+app.add_typer(stack_app, name="stack")
 console = Console()
 
 
@@ -63,6 +66,11 @@ def main(
     ),
 ) -> None:
     ctx.obj = CliState(params, profile)
+    try:
+        state_dir = load_params(params, profile).stack.state_dir
+    except ParamsError:
+        state_dir = None  # the command itself reports the params error
+    apply_client_env(state_dir)  # a running `sur stack` is where tracking goes
 
 
 @params_app.command("show")
@@ -263,6 +271,51 @@ def export(
     )
 
 
+@app.command("evaluate")
+def evaluate(
+    ctx: typer.Context,
+    adapter_dir: Path | None = typer.Option(None, "--adapter", help="Adapter folder (params)."),
+    production: bool = typer.Option(
+        True, "--production/--no-production", help="Also compare with @production, if any."
+    ),
+) -> None:
+    """Score the adapter against the base (and @production); exit 1 when a gate fails."""
+    from suradapter.evaluate.run import load_adapter
+    from suradapter.evaluate.tracked import evaluate_with_tracking
+
+    params = ctx.obj.load()
+    try:
+        load_adapter(adapter_dir or Path(params.evaluate.adapter_dir))
+    except FileNotFoundError as err:
+        fail(f"{err}: run `sur train` or pass --adapter")
+    with console.status("evaluating (generating and scoring images)"):
+        result = evaluate_with_tracking(params, adapter_dir, use_production=production)
+    for gate in result.gates:
+        colour = "green" if gate.passed else "red"
+        console.print(f"[{colour}]{gate.describe()}[/]", highlight=False)
+    console.print(f"report: {params.evaluate.output_dir}/report.json (and report.md, plots)")
+    if not result.passed:
+        names = ", ".join(gate.describe() for gate in result.failed_gates)
+        fail(f"evaluation gates failed: {names}", code=1)
+
+
+@app.command("serve")
+def serve(
+    ctx: typer.Context,
+    host: str | None = typer.Option(None, "--host", help="Bind address (serving.host)."),
+    port: int | None = typer.Option(None, "--port", help="Port (serving.port)."),
+) -> None:
+    """Serve models:/sur-adapter@production over HTTP: embed, generate, web page, metrics."""
+    from serving.main import ServeError
+    from serving.main import serve as run_server
+
+    params = ctx.obj.load()
+    try:
+        run_server(params, host=host, port=port)
+    except ServeError as err:
+        fail(str(err))
+
+
 @app.command("bootstrap-base")
 def bootstrap_base_command(
     ctx: typer.Context,
@@ -295,3 +348,96 @@ def run(
     except RuntimeError as err:
         fail(str(err), code=1)
     console.print(summary)
+
+
+registry_app = typer.Typer(help="The MLflow model registry: versions and aliases.")
+app.add_typer(registry_app, name="registry")
+
+
+@app.command("register")
+def register(
+    ctx: typer.Context,
+    adapter_dir: Path | None = typer.Option(
+        None, "--adapter", help="Adapter (evaluate.adapter_dir)."
+    ),
+    export_dir: Path | None = typer.Option(None, "--export", help="Export (export.output_dir)."),
+    eval_dir: Path | None = typer.Option(None, "--eval", help="Eval report (evaluate.output_dir)."),
+) -> None:
+    """Register adapter + ONNX export + eval report as a new version (@candidate if it passed)."""
+    from suradapter.registry import RegistryError, register_version
+
+    params = ctx.obj.load()
+    try:
+        result = register_version(
+            params,
+            adapter_dir or Path(params.evaluate.adapter_dir),
+            export_dir or Path(params.export.output_dir),
+            eval_dir or Path(params.evaluate.output_dir),
+        )
+    except RegistryError as err:
+        fail(str(err), code=1)
+    verdict = "[green]passed[/]" if result.passed else "[red]failed[/]"
+    aliases = ", ".join(f"@{alias}" for alias in result.aliases) or "none"
+    console.print(
+        f"registered {result.model_name} version {result.version}: gates {verdict}; "
+        f"aliases: {aliases}"
+    )
+    for reason in result.reasons:
+        console.print(f"  - {reason}", highlight=False)
+
+
+@app.command("promote")
+def promote_command(
+    ctx: typer.Context,
+    version: str | None = typer.Argument(None, help="Version number (default: --from alias)."),
+    from_alias: str | None = typer.Option(
+        None, "--from", help="Promote the version this alias names (default: candidate)."
+    ),
+) -> None:
+    """Move @production to a version with a passing report; the old one becomes @previous."""
+    from suradapter.registry import RegistryError, promote
+
+    try:
+        result = promote(ctx.obj.load(), version, from_alias)
+    except RegistryError as err:
+        fail(str(err), code=1)
+    if not result.changed:
+        console.print(f"{result.model_name} version {result.production} already is @production")
+        return
+    console.print(
+        f"{result.model_name}: @production -> version {result.production}; "
+        f"@previous -> {result.previous or 'none'}"
+    )
+
+
+@app.command("rollback")
+def rollback_command(ctx: typer.Context) -> None:
+    """Swap @production and @previous."""
+    from suradapter.registry import RegistryError, rollback
+
+    try:
+        result = rollback(ctx.obj.load())
+    except RegistryError as err:
+        fail(str(err), code=1)
+    console.print(
+        f"{result.model_name}: rolled back; @production -> version {result.production}, "
+        f"@previous -> {result.previous}"
+    )
+
+
+@registry_app.command("status")
+def registry_status_command(ctx: typer.Context) -> None:
+    """Print each alias of the registered model and the version it names."""
+    from suradapter.registry import RegistryError, registry_status
+
+    params = ctx.obj.load()
+    try:
+        aliases = registry_status(params)
+    except RegistryError as err:
+        fail(str(err), code=1)
+    table = Table(title=f"registry: {params.registry.model_name}")
+    table.add_column("alias")
+    table.add_column("version")
+    for alias, version in aliases.items():
+        table.add_row(f"@{alias}", version)
+    console.print(table if aliases else f"{params.registry.model_name}: no aliases set")

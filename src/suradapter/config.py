@@ -17,6 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from suradapter.stack.settings import StackParams
+
 PARAMS_ENV = "SUR_PARAMS"
 PROFILE_ENV = "SUR_PROFILE"
 DEFAULT_PARAMS_FILE = Path("params.yaml")
@@ -358,6 +360,51 @@ class RegistryParams(StrictModel):
     )
 
 
+class ServingLimits(StrictModel):
+    max_prompt_chars: int = Field(
+        500, ge=1, description="Longest prompt (and negative prompt), in characters."
+    )
+    max_batch: int = Field(16, ge=1, description="Most prompts in one /v1/embed request.")
+    max_steps: int = Field(50, ge=1, description="Most denoising steps in one /v1/generate.")
+    max_image_size: int = Field(
+        512, ge=8, description="Largest image side /v1/generate renders, in pixels."
+    )
+    max_guidance: float = Field(20.0, gt=0, description="Largest classifier-free guidance.")
+    max_body_bytes: int = Field(
+        65536, ge=1024, description="Largest request body; larger ones get 413."
+    )
+    max_concurrent_generate: int = Field(
+        4,
+        ge=1,
+        description="Generate requests running or queued at once; more get 429 at once.",
+    )
+
+
+class ServingParams(StrictModel):
+    host: str = Field("127.0.0.1", description="Address uvicorn binds to.")
+    port: int = Field(8000, ge=0, le=65535, description="Port uvicorn binds to (0 = any).")
+    alias: str = Field("production", description="Registry alias that is served and watched.")
+    providers: list[Literal["tensorrt", "cuda", "cpu"]] = Field(
+        ["tensorrt", "cuda", "cpu"],
+        min_length=1,
+        description="ONNX Runtime provider preference for the text path.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Torch device of the base UNet/VAE: auto = cuda when available."
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="Where downloaded versions are kept; null = a temporary folder removed "
+        "at shutdown.",
+    )
+    retry_seconds: float = Field(
+        60.0, gt=0, description="Wait before loading a version that failed again."
+    )
+    limits: ServingLimits = Field(
+        default_factory=ServingLimits, description="Request limits; above them: a 4xx."
+    )
+
+
 class Params(StrictModel):
     profile: str = Field("shapes", description="Active profile: tiny, shapes or sd15.")
     seed: int = Field(0, description="Global seed for stages that draw random numbers.")
@@ -395,6 +442,13 @@ class Params(StrictModel):
     )
     registry: RegistryParams = Field(
         default_factory=RegistryParams, description="MLflow model registry and promotion."
+    )
+    serving: ServingParams = Field(
+        default_factory=ServingParams, description="HTTP serving (`sur serve`)."
+    )
+    stack: StackParams = Field(
+        default_factory=StackParams,
+        description="The local stack (`sur stack`): Prefect, MLflow and S3 servers on loopback.",
     )
 
 

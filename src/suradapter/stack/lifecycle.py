@@ -1,0 +1,255 @@
+"""`up`, `down` and `status` of the local stack; every service gets a pid record and a log.
+
+`up` is idempotent (healthy services it started before are left alone), waits on health
+with a deadline and reports the log tail of a service that fails. `down` stops only
+processes whose pid record still matches. State survives `down`/`up`.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import psutil
+
+from suradapter.stack import services as svc
+from suradapter.stack.credentials import mlflow_admin, s3_credentials
+from suradapter.stack.process import (
+    PidRecord,
+    log_tail,
+    owned_process,
+    port_in_use,
+    port_owner,
+    read_record,
+    settled_identity,
+    start_detached,
+    stop_process_tree,
+    write_record,
+)
+from suradapter.stack.services import Service, StackError
+from suradapter.stack.settings import SERVICE_NAMES, StackParams, StackPaths
+
+DEPENDENCIES = {"mlflow": ("s3",)}  # MLflow's artifacts live on the S3 server
+POLL_S = 0.5
+
+State = Literal["running", "unhealthy", "dead", "stopped"]
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    """One service as `status` sees it; `dead` means its pid record outlived the process."""
+
+    name: str
+    state: State
+    url: str
+    pid: int | None = None
+    auth: bool = False
+    note: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """False when something `up` started is not healthy."""
+        return self.state in ("running", "stopped")
+
+
+def select(names: Iterable[str] | None, with_dependencies: bool = True) -> list[str]:
+    """`names` (default: all) plus what they need, in start order; raises StackError on typos."""
+    chosen = set(SERVICE_NAMES if names is None else names)
+    unknown = chosen - set(SERVICE_NAMES)
+    if unknown:
+        raise StackError(
+            f"unknown stack service(s) {sorted(unknown)}; known: {', '.join(SERVICE_NAMES)}"
+        )
+    if with_dependencies:
+        for name in list(chosen):
+            chosen.update(DEPENDENCIES.get(name, ()))
+    return [name for name in SERVICE_NAMES if name in chosen]
+
+
+def build_services(
+    params: StackParams, paths: StackPaths, auth: bool, names: list[str]
+) -> list[Service]:
+    """The `Service` for each of `names`, creating missing credentials on the way."""
+    credentials = s3_credentials(paths, create=True)
+    admin = mlflow_admin(paths, create=True) if auth else None
+    builders = {
+        "s3": lambda: svc.s3_service(params, paths, credentials),
+        "mlflow": lambda: svc.mlflow_service(params, paths, credentials, admin),
+        "prefect": lambda: svc.prefect_service(params, paths),
+    }
+    return [builders[name]() for name in names]
+
+
+def up(
+    params: StackParams,
+    only: Iterable[str] | None = None,
+    *,
+    auth: bool | None = None,
+    on_progress: Progress | None = None,
+) -> list[ServiceStatus]:
+    """Start the stack's services (or `only` those, plus dependencies) and wait until healthy.
+
+    `auth` None keeps a running MLflow's auth setting, else uses `params.auth`.
+
+    Returns their statuses. Raises StackError when a port is taken, a service runs with
+    other settings, or a service is not healthy in time (with the tail of its log).
+    """
+    report = on_progress or (lambda message: None)
+    names = select(only)
+    paths = StackPaths.of(params.state_dir)
+    paths.ensure()
+    if auth is None:  # keep what a running MLflow has, else params
+        running = running_record(paths, "mlflow")
+        auth = running.auth if running else params.auth
+    wanted = build_services(params, paths, auth, names)
+    pending: dict[str, Launch] = {}
+    for service in wanted:
+        record = read_record(paths.pid_file(service.name))
+        if record and owned_process(record):
+            if record.fingerprint != service.fingerprint:
+                raise StackError(
+                    f"{service.name} is already running (pid {record.pid}, {record.url}) with "
+                    "other settings (ports, buckets or --auth); run `sur stack down` first"
+                )
+            pending[service.name] = Launch(service, record)  # adopted: wait for its health
+            continue
+        paths.pid_file(service.name).unlink(missing_ok=True)
+        if port_in_use(service.port):
+            owner = port_owner(service.port)
+            raise StackError(
+                f"port {service.port} ({service.name}) is already in use"
+                f"{f' by {owner}' if owner else ''}; stop that process or set "
+                f"stack.{service.name}_port in params.yaml"
+            )
+        report(f"starting {service.name} on {service.url}")
+        pending[service.name] = _start(service, paths)
+    _wait_healthy(list(pending.values()), paths, params.startup_timeout, report)
+    if "s3" in pending:
+        credentials = s3_credentials(paths)
+        assert credentials is not None
+        svc.ensure_buckets(
+            pending["s3"].service.url, credentials, [params.artifacts_bucket, params.dvc_bucket]
+        )
+    return [
+        replace(state, note="started" if pending[state.name].process else "already running")
+        for state in status(params, list(pending))
+    ]
+
+
+@dataclass
+class Launch:
+    """A service `up` waits on: started by this call (`process` set) or found running."""
+
+    service: Service
+    record: PidRecord
+    process: subprocess.Popen | None = None
+
+    def exit_reason(self) -> str | None:
+        """Why the service is no longer running, or None while it runs."""
+        if self.process is not None:
+            code = self.process.poll()
+            return None if code is None else f"exited during start-up (exit code {code})"
+        return None if owned_process(self.record) else "exited during start-up"
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            stop_process_tree(psutil.Process(self.process.pid))
+        elif (process := owned_process(self.record)) is not None:
+            stop_process_tree(process)
+
+
+def _start(service: Service, paths: StackPaths) -> Launch:
+    log_path = paths.log_file(service.name)
+    process, offset = start_detached(service.command, service.env, log_path, paths.root)
+    identity = settled_identity(process.pid, service.command)
+    record = PidRecord(
+        service=service.name,
+        pid=process.pid,
+        create_time=identity[0] if identity else 0.0,
+        cmdline=identity[1] if identity else service.command,
+        url=service.url,
+        fingerprint=service.fingerprint,
+        log=str(log_path),
+        log_offset=offset,
+        auth=service.auth,
+    )
+    write_record(paths.pid_file(service.name), record)
+    return Launch(service, record, process)
+
+
+def _wait_healthy(
+    launches: list[Launch], paths: StackPaths, timeout: float, report: Progress
+) -> None:
+    start = time.monotonic()
+    waiting = list(launches)
+    while waiting:
+        for launch in list(waiting):
+            if svc.healthy(launch.service.name, launch.service.url, paths):
+                waiting.remove(launch)
+            elif reason := launch.exit_reason():
+                _fail(launch, paths, reason)
+        elapsed = time.monotonic() - start
+        if waiting and elapsed > timeout:
+            _fail(waiting[0], paths, f"not healthy after {timeout:.0f} s")
+        if waiting:
+            names = ", ".join(launch.service.name for launch in waiting)
+            report(f"waiting for {names} to be healthy ({elapsed:.0f} s)")
+            time.sleep(POLL_S)
+
+
+def _fail(launch: Launch, paths: StackPaths, reason: str) -> None:
+    launch.stop()
+    name = launch.service.name
+    paths.pid_file(name).unlink(missing_ok=True)
+    tail = log_tail(paths.log_file(name), launch.record.log_offset)
+    raise StackError(
+        f"{name} ({launch.service.url}) {reason}; last lines of {launch.record.log}:\n{tail}"
+    )
+
+
+def down(params: StackParams, only: Iterable[str] | None = None) -> list[tuple[str, str]]:
+    """Stop the services `up` started (or `only` those); returns (service, what happened)."""
+    paths = StackPaths.of(params.state_dir)
+    outcome = []
+    for name in reversed(select(only, with_dependencies=False)):
+        pid_file = paths.pid_file(name)
+        record = read_record(pid_file)
+        if record is None:
+            outcome.append((name, "not running"))
+            continue
+        process = owned_process(record)
+        if process is None:
+            outcome.append((name, f"stale pid file removed (pid {record.pid} is not ours)"))
+        else:
+            stop_process_tree(process)
+            outcome.append((name, f"stopped (pid {record.pid})"))
+        pid_file.unlink(missing_ok=True)
+    return outcome
+
+
+def status(params: StackParams, only: Iterable[str] | None = None) -> list[ServiceStatus]:
+    """Each service's state, URL and pid, with a live health check of running ones."""
+    paths = StackPaths.of(params.state_dir)
+    statuses = []
+    for name in select(only, with_dependencies=False):
+        record = read_record(paths.pid_file(name))
+        if record is None:
+            statuses.append(ServiceStatus(name, "stopped", svc.service_url(params.port(name))))
+        elif owned_process(record) is None:
+            gone = "is gone" if not psutil.pid_exists(record.pid) else "is another process now"
+            note = f"pid {record.pid} {gone}; see {record.log}"
+            statuses.append(ServiceStatus(name, "dead", record.url, record.pid, record.auth, note))
+        else:
+            state: State = "running" if svc.healthy(name, record.url, paths) else "unhealthy"
+            statuses.append(ServiceStatus(name, state, record.url, record.pid, record.auth))
+    return statuses
+
+
+def running_record(paths: StackPaths, name: str) -> PidRecord | None:
+    """The pid record of `name` when its process is still ours, else None (no health check)."""
+    record = read_record(paths.pid_file(name))
+    return record if record and owned_process(record) else None

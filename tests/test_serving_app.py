@@ -1,0 +1,149 @@
+"""`serving` parts that need no registry: API keys, the `serving:` params, the watcher's
+bookkeeping, and the app's error responses (a real uvicorn server in a thread)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+import servers
+import uvicorn
+from pydantic import ValidationError
+
+from serving.auth import ApiKeyError, key_matches, load_api_keys
+from serving.metrics import ServingMetrics
+from serving.settings import ServingParams, serving_params
+from serving.swap import AliasWatcher, ModelSlot
+from suradapter.config import Params
+
+KEY = "unit-key-0123456789abcdef"
+
+
+def test_api_keys_come_from_the_env_list_and_the_file(tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("# ops keys\nfile-key-0123456789abcd  # rotated 2026-11\n\n")
+    environ = {"SUR_API_KEYS": f" {KEY} ,,", "SUR_API_KEYS_FILE": str(keys)}
+    loaded = load_api_keys(environ)
+    assert loaded == (KEY.encode(), b"file-key-0123456789abcd")
+    assert key_matches(KEY, loaded) and key_matches("file-key-0123456789abcd", loaded)
+    assert not key_matches(KEY[:-1], loaded) and not key_matches("", loaded)
+    assert not key_matches("clé-non-ascii-0123456789", loaded)
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({}, "no API key configured"),
+        ({"SUR_API_KEYS": "short"}, "shorter than 16"),
+        ({"SUR_API_KEYS_FILE": "/nonexistent/keys"}, "no such file"),
+    ],
+)
+def test_unusable_api_keys_fail_with_a_clear_error(environ, message):
+    with pytest.raises(ApiKeyError, match=message):
+        load_api_keys(environ)
+
+
+def test_serving_params_default_and_name_a_bad_key():
+    assert serving_params(Params()) == ServingParams()
+    custom = Params.model_validate({"serving": {"limits": {"max_steps": 4}}})
+    assert serving_params(custom).limits.max_steps == 4
+    with pytest.raises(ValidationError, match=r"max_stepz"):
+        Params.model_validate({"serving": {"limits": {"max_stepz": 4}}})
+
+
+class FlakySource:
+    """An alias that can be read or not; versions that never load."""
+
+    def __init__(self) -> None:
+        self.version: str | None = "7"
+        self.reachable = True
+
+    def resolve(self, alias: str) -> str | None:
+        if not self.reachable:
+            raise ConnectionError("tracking server down")
+        return self.version
+
+    def fetch(self, version: str, dest: Path) -> Path:
+        raise AssertionError("the loader is replaced in these tests")
+
+
+class FailingLoader:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def load(self, version: str):
+        self.calls.append(version)
+        raise RuntimeError("sha256 differs: artifacts/export/text_path.onnx")
+
+
+def test_a_failed_version_is_retried_only_after_retry_seconds():
+    slot, source, loader = ModelSlot(), FlakySource(), FailingLoader()
+    now = [1000.0]
+    watcher = AliasWatcher(
+        slot, source, loader, ServingMetrics(), "production", 1.0, 60.0, clock=lambda: now[0]
+    )
+    watcher.check_once()
+    assert loader.calls == ["7"] and slot.current is None
+    assert slot.last_error.message == "version 7: sha256 differs: artifacts/export/text_path.onnx"
+    now[0] += 30
+    watcher.check_once()
+    assert loader.calls == ["7"]  # not before retry_seconds
+    now[0] += 31
+    watcher.check_once()
+    assert loader.calls == ["7", "7"]
+    source.reachable = False
+    watcher.check_once()
+    assert "cannot read alias @production: tracking server down" in slot.last_error.message
+
+
+class ExplodingVersion:
+    """A served version whose every call fails with an internal detail in the message."""
+
+    version = "9"
+
+    def embed(self, prompts: list[str]):
+        raise RuntimeError("secret detail: /srv/models/v9/text_path.onnx is corrupt")
+
+
+@contextmanager
+def running(app) -> Iterator[str]:
+    port = servers.free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_not_ready_then_an_internal_error_is_a_generic_500(tmp_path):
+    from serving.app import create_app
+
+    source = FlakySource()
+    source.version = None
+    settings = ServingParams(cache_dir=str(tmp_path / "cache"))
+    app = create_app(Params(), settings, (KEY.encode(),), source)
+    with running(app) as url:
+        ready = httpx.get(f"{url}/readyz")
+        assert ready.status_code == 503 and ready.json()["ready"] is False
+        headers = {"X-API-Key": KEY}
+        waiting = httpx.post(f"{url}/v1/embed", json={"prompts": ["a"]}, headers=headers)
+        assert waiting.status_code == 503 and "/readyz" in waiting.json()["detail"]
+        app.state.slot.current = ExplodingVersion()
+        failed = httpx.post(f"{url}/v1/embed", json={"prompts": ["a"]}, headers=headers)
+    assert failed.status_code == 500
+    body = failed.json()
+    assert body["detail"] == "internal server error" and len(body["request_id"]) == 32
+    assert "secret" not in failed.text and "Traceback" not in failed.text
