@@ -12,7 +12,7 @@ export HF_HUB_DISABLE_TELEMETRY ?= 1
 export DO_NOT_TRACK ?= 1
 export TRANSFORMERS_VERBOSITY ?= error
 
-.PHONY: install run test lint format clean
+.PHONY: install browser run test lint format clean
 
 install: $(VENV)/.installed
 
@@ -23,10 +23,24 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
 
+# The serving page is tested in Debian's headless Chromium. Installed here when missing and
+# apt is usable (root); otherwise that one test skips and says why.
+CHROMIUM ?= /usr/bin/chromium
+browser:
+	@if [ ! -x $(CHROMIUM) ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing chromium (Debian) for the serving page test"; \
+			(apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 || \
+			 (apt-get update -q >/dev/null 2>&1 && \
+			  apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1)) || \
+			echo "warning: could not install chromium; the browser test will skip"; \
+		else echo "note: $(CHROMIUM) missing; the browser test will skip"; fi; \
+	fi
+
 run: install
 	$(BIN)/sur run
 
-test: install lint
+test: install lint browser
 	$(BIN)/pytest
 
 lint: install

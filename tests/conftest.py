@@ -61,6 +61,7 @@ PROJECT_FILES = [
     "src/suradapter/train",
     "src/suradapter/model",
     "src/suradapter/export",
+    "src/suradapter/evaluate",
     "models/shapes-base",
     ".dvc/config",
     ".dvcignore",
@@ -98,6 +99,11 @@ def project_copy(tmp_path, repo_root):
     set_param(repo, "train", "max_steps", 4)
     set_param(repo, "train", "checkpoint_every", 2)
     set_param(repo, "train", "grid_prompts", 1)
+    set_param(repo, "sampling", "steps", 2)
+    set_param(repo, "evaluate", "images_per_combination", 4)
+    set_param(repo, "evaluate", "denoise_batches", 1)
+    set_param(repo, "evaluate", "alignment_rows", 16)
+    set_param(repo, "evaluate", "grid_prompts", 1)
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -89,23 +88,3 @@ def test_main_job_refuses_a_profile_that_dvc_does_not_track(project_copy):
     result = sur("--profile", "tiny", "run", cwd=repo, env=env)
     assert result.returncode != 0
     assert "declares 'profile: shapes'" in " ".join((result.stdout + result.stderr).split())
-
-
-def test_main_job_runs_the_stages_then_the_trained_text_path(project_copy):
-    repo, env = project_copy
-    params_file = repo / "params.yaml"
-    params_file.write_text(params_file.read_text().replace("profile: shapes", "profile: tiny", 1))
-    result = sur("run", "--out-dir", "outputs/run", cwd=repo, env=env)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "samples prepared" in result.stdout
-    assert "Running stage 'train'" in result.stdout + result.stderr
-    assert "Running stage 'export'" in result.stdout + result.stderr
-    summary = json.loads((repo / "outputs/run/summary.json").read_text())
-    assert summary["profile"] == "tiny" and summary["base_model"] == "tiny"
-    assert (repo / "outputs/run/adapted.png").is_file()
-    trained = SURAdapter.from_pretrained(repo / summary["adapter_dir"])
-    assert trained.fc.weight.abs().sum() > 0  # trained: the zero-initialised fusion moved
-    assert summary["export"]["parity_max_abs_diff"] <= 1e-4
-    assert (repo / "outputs/export/text_path.onnx").is_file()
-    again = sur("run", "--out-dir", "outputs/run", cwd=repo, env=env)
-    assert again.returncode == 0 and "Running stage" not in again.stdout + again.stderr

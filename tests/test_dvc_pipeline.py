@@ -27,23 +27,35 @@ def dvc_repo(project_copy):
     return project_copy
 
 
+STAGES = ("generate_shapes", "prepare", "embed", "bootstrap_base", "train", "export", "evaluate")
+
+
 def stages_run(output: str) -> set[str]:
-    stages = ("generate_shapes", "prepare", "embed", "bootstrap_base", "train", "export")
+    stages = (
+        "generate_shapes",
+        "prepare",
+        "embed",
+        "bootstrap_base",
+        "train",
+        "export",
+        "evaluate",
+    )
     return {name for name in stages if f"Running stage '{name}'" in output}
 
 
 def test_repro_noop_and_param_scoped_reruns(dvc_repo):
     repo, env = dvc_repo
-    every = {"generate_shapes", "prepare", "embed", "train", "export"}  # bootstrap_base: frozen
+    every = {"generate_shapes", "prepare", "embed", "train", "export", "evaluate"}  # not bootstrap
     assert stages_run(run("dvc", "repro", cwd=repo, env=env)) == every
     assert (repo / "data/prepared/manifest.parquet").is_file()
     assert list((repo / "data/teacher_cache").glob("*/shards/*.safetensors"))
     assert (repo / "outputs/adapter/diffusion_pytorch_model.safetensors").is_file()
     assert (repo / "outputs/export/text_path.onnx").is_file()
+    assert (repo / "outputs/eval/report.json").is_file()  # written whatever the verdict
     assert stages_run(run("dvc", "repro", cwd=repo, env=env)) == set()
     assert "up to date" in run("dvc", "status", cwd=repo, env=env)
     set_param(repo, "train", "learning_rate", 0.002)
-    assert stages_run(run("dvc", "repro", cwd=repo, env=env)) == {"train", "export"}
+    assert stages_run(run("dvc", "repro", cwd=repo, env=env)) == {"train", "export", "evaluate"}
     set_param(repo, "export", "fp32_tolerance", 0.001)
     assert stages_run(run("dvc", "repro", cwd=repo, env=env)) == {"export"}
     set_param(repo, "embed", "batch_size", 32)  # the same features: train's inputs unchanged

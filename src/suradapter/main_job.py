@@ -1,83 +1,163 @@
-"""The main job (`sur run`): every stage that exists so far, on the active profile.
+"""The main job (`sur run`): the local stack, the retrain flow against it, then where to look.
 
-Today that is the DVC chain up to `export` (`dvc repro export`: generate the shapes world,
-prepare it, fill the teacher-feature cache, train the adapter on the shipped base, export
-the adapted text path to ONNX with a parity check; DVC skips unchanged stages and never
-retrains the frozen base), then the trained adapter's text path through the standard
-pipeline beside the base model, same seed. Later stages (evaluate, register, promote) join
-this chain as they land.
+1. `sur stack up` (idempotent): Prefect server, MLflow server and S3 on loopback.
+2. The retrain flow (`flows.retrain`): every DVC stage (DVC skips unchanged ones), register
+   (an identical version is reused), promote by `registry.promotion`.
+3. A summary: the MLflow and Prefect UI links, the version, its gate verdict and aliases, also
+   written to `<out_dir>/summary.json`.
+
+A version whose gates fail is still registered (without @candidate) and the job still succeeds:
+the pipeline ran; the verdict is reported, not raised.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from rich.console import Console
+from rich.table import Table
 
 from suradapter.config import Params
-from suradapter.model.adapter import SURAdapter, describe_adapter
-from suradapter.model.text_path import AdaptedTextPath
-from suradapter.model.zoo import BaseModelNotFoundError, load_base_from_params
 
-DEMO_PROMPTS = (
-    "a trio of fire-truck coloured coins lying in the snow",
-    "3 red circles, white background, flat icon, centered, high quality",
-)
+if TYPE_CHECKING:
+    from flows.retrain import RetrainResult
+
+# Offline settings for an in-process (ephemeral) Prefect API, used by `sur run --no-stack`.
+EPHEMERAL_PREFECT_ENV = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+}
 
 
-def run_main_job(params: Params, out_dir: Path, console: Console) -> str:
-    """Run the available stages; write outputs under `out_dir`; return a one-line summary.
+def run_main_job(params: Params, out_dir: Path, console: Console, use_stack: bool = True) -> str:
+    """Run the retrain flow in the current project; write `out_dir`/summary.json.
 
-    Raises RuntimeError when a stage cannot run (the message says why).
+    Returns a one-line summary. Raises RuntimeError when the stack cannot start or a stage
+    still fails after its retries (the message says which and why).
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
     check_dvc_profile(params)
-    reproduce_stages(["export"], console)
-    prepared = json.loads((Path(params.prepare.output_dir) / "summary.json").read_text())
-    console.print(
-        f"[green]✓[/] data: {prepared['kept']} samples prepared "
-        f"({prepared['splits']}), {sum(prepared['quarantined'].values())} quarantined"
-    )
-    with console.status("resolving base model"):
-        try:
-            pipeline = load_base_from_params(params.base_model)
-        except BaseModelNotFoundError as err:
-            raise RuntimeError(str(err)) from None
-    width = pipeline.text_encoder.config.hidden_size
-    console.print(f"[green]✓[/] base model '{params.base_model.id}' (text width {width})")
-
-    adapter_dir = Path(params.train.output_dir)
-    adapter = SURAdapter.from_pretrained(adapter_dir).eval()
-    path = AdaptedTextPath.from_pipeline(pipeline, adapter)
-    embeds = path.encode(list(DEMO_PROMPTS))
-    console.print(f"[green]✓[/] trained adapter ({adapter.config.mode}): {adapter_dir}")
-    export = json.loads((Path(params.export.output_dir) / "export.json").read_text())
-    console.print(
-        f"[green]✓[/] ONNX text path: {params.export.output_dir}/text_path.onnx "
-        f"(parity {export['parity_max_abs_diff']:.1e})"
-    )
-
-    images = _side_by_side(pipeline, path, params, DEMO_PROMPTS[0])
-    for name, image in images.items():
-        image.save(out_dir / f"{name}.png")
-    console.print(f"[green]✓[/] adapted text path through StableDiffusionPipeline: {out_dir}/*.png")
-
-    info = {
-        "profile": params.profile,
-        "base_model": params.base_model.id,
-        "adapter_dir": str(adapter_dir),
-        "export": export,
-        "adapter": {k: str(v) for k, v in describe_adapter(adapter).items()},
-        "prompt_embeds_shape": list(embeds.shape),
-        "images": sorted(f"{name}.png" for name in images),
-    }
-    (out_dir / "summary.json").write_text(json.dumps(info, indent=2))
+    if use_stack:
+        ensure_stack(params, console)
+    else:
+        for key, value in EPHEMERAL_PREFECT_ENV.items():
+            os.environ.setdefault(key, value)
+    result = run_retrain_flow(Path.cwd())
+    summary = describe_result(result)
+    print_summary(summary, console)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return f"main job done on profile '{params.profile}': {out_dir / 'summary.json'}"
+
+
+def ensure_stack(params: Params, console: Console) -> None:
+    """Start the local stack if needed and point this process's clients at it.
+
+    Explicit MLFLOW_* / AWS_* / PREFECT_API_URL settings win. Raises RuntimeError (StackError).
+    """
+    from suradapter.stack import StackError, up
+    from suradapter.stack.client import client_env_groups
+
+    try:
+        with console.status("local stack (Prefect, MLflow, S3)") as progress:
+            statuses = up(params.stack, on_progress=progress.update)
+    except StackError as err:
+        hint = "check `sur stack status`; `sur run --no-stack` runs without the stack"
+        raise RuntimeError(f"{err}\n({hint})") from None
+    for item in statuses:
+        console.print(f"[green]✓[/] {item.name}: {item.url} ({item.note})", highlight=False)
+    for group in client_env_groups(params.stack.state_dir):
+        if not any(key in os.environ for key in group):
+            os.environ.update(group)
+
+
+def run_retrain_flow(project: Path) -> RetrainResult:
+    """The retrain flow on `project`, against $PREFECT_API_URL when set. Raises RuntimeError."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.retrain import retrain
+
+    updates = (
+        {PREFECT_API_URL: os.environ["PREFECT_API_URL"]} if "PREFECT_API_URL" in os.environ else {}
+    )
+    try:
+        with temporary_settings(updates=updates):
+            return retrain(project_dir=str(project), echo=True)
+    except Exception as err:
+        raise RuntimeError(f"the retrain flow failed: {err}") from err
+
+
+def ui_links(result: RetrainResult) -> dict[str, str]:
+    """MLflow (parent run, registered model) and Prefect (flow run) UI addresses."""
+    links = {}
+    tracking = result.tracking_uri
+    if tracking.startswith("http"):
+        base = tracking.rstrip("/")
+        links["mlflow_run"] = (
+            f"{base}/#/experiments/{result.experiment_id}/runs/{result.mlflow_run_id}"
+        )
+        if result.registration:
+            name = result.registration.model_name
+            links["mlflow_model"] = f"{base}/#/models/{name}/versions/{result.registration.version}"
+    else:
+        links["mlflow_run"] = (
+            f"`mlflow ui --backend-store-uri {tracking}`, run {result.mlflow_run_id}"
+        )
+    api = os.environ.get("PREFECT_API_URL", "")
+    if api:
+        links["prefect_flow_run"] = (
+            f"{api.removesuffix('/').removesuffix('/api')}/runs/flow-run/{result.flow_run_id}"
+        )
+    return links
+
+
+def describe_result(result: RetrainResult) -> dict:
+    """The JSON summary of a retrain flow run (what summary.json holds)."""
+    registration = result.registration
+    return {
+        "flow_run": {"id": result.flow_run_id, "name": result.flow_run_name},
+        "seconds": round(result.seconds, 1),
+        "stages": [stage.as_dict() for stage in result.stages],
+        "registration": registration.as_dict() if registration else None,
+        "links": ui_links(result),
+    }
+
+
+def print_summary(summary: dict, console: Console) -> None:
+    """Print the stages, the version, its verdict, aliases and the UI links (never truncated)."""
+    stages = Table("stage", "DVC", "seconds", "attempts", title="retrain flow")
+    for stage in summary["stages"]:
+        colour = "green" if stage["status"] == "ran" else "dim"
+        stages.add_row(
+            stage["stage"],
+            f"[{colour}]{stage['status']}[/]",
+            f"{stage['seconds']:.1f}",
+            str(stage["attempts"]),
+        )
+    console.print(stages)
+    registration = summary["registration"]
+    how = "reused: these exact files were registered before" if registration["reused"] else "new"
+    verdict = "[bold green]passed[/]"
+    if not registration["passed"]:
+        verdict = "[bold red]FAILED[/] (the pipeline ran; this version may not serve)"
+    rows = [
+        ("model", f"{registration['model_name']} version {registration['version']} ({how})"),
+        ("gates", verdict),
+        *[("", f"- {reason}") for reason in registration["reasons"]],
+        ("aliases", ", ".join(f"@{alias}" for alias in registration["aliases"]) or "none"),
+        ("promotion", registration["promotion"]),
+    ]
+    labels = {
+        "mlflow_run": "MLflow run",
+        "mlflow_model": "MLflow model",
+        "prefect_flow_run": "Prefect",
+    }
+    rows += [(labels[key], link) for key, link in summary["links"].items()]
+    lines = [f"{label + ':' if label else '':<14}{text}" for label, text in rows]
+    for line in lines:
+        console.print(line, highlight=False, soft_wrap=True)
 
 
 def check_dvc_profile(params: Params, params_file: Path = Path("params.yaml")) -> None:
@@ -93,33 +173,3 @@ def check_dvc_profile(params: Params, params_file: Path = Path("params.yaml")) -
             f"'profile: {declared}', which is what DVC tracks; set `profile: {params.profile}` "
             f"in {params_file} to run the main job on it"
         )
-
-
-def reproduce_stages(stages: list[str], console: Console) -> None:
-    """Run `dvc repro` for `stages` in the current project. Raises RuntimeError on failure."""
-    bin_dir = Path(sys.executable).parent  # the stages run `sur`, from this environment
-    command = [str(bin_dir / "dvc"), "repro", *stages]
-    path = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {**os.environ, "PATH": path, "DVC_NO_ANALYTICS": "1"}
-    console.print(f"[bold]$ {' '.join(['dvc', *command[1:]])}[/]")
-    result = subprocess.run(command, env=env)
-    if result.returncode != 0:
-        raise RuntimeError(f"`dvc repro {' '.join(stages)}` failed (exit {result.returncode})")
-
-
-def _side_by_side(pipeline, path: AdaptedTextPath, params: Params, prompt: str) -> dict:
-    """Generate `prompt` with the base text path and the adapted one, same seed."""
-    size = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
-    seed, sampling = params.sampling.seed, params.sampling
-    common = dict(
-        num_inference_steps=sampling.steps,
-        guidance_scale=sampling.guidance,
-        height=size,
-        width=size,
-        output_type="pil",
-    )
-    base = pipeline(prompt=prompt, generator=torch.Generator().manual_seed(seed), **common)
-    adapted = pipeline(
-        **path.pipeline_embeds([prompt]), generator=torch.Generator().manual_seed(seed), **common
-    )
-    return {"base": base.images[0], "adapted": adapted.images[0]}

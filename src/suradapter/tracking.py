@@ -29,3 +29,29 @@ def log_to_active_run(metrics: dict[str, float]) -> None:
         return
     if mlflow.active_run() is not None:
         mlflow.log_metrics(metrics)
+
+
+PARENT_RUN_ENV = "SUR_PARENT_RUN_ID"  # set by the retrain flow for the stages it runs
+PARENT_RUN_TAG = "mlflow.parentRunId"
+
+
+def parent_run_tags() -> dict[str, str]:
+    """`{"mlflow.parentRunId": id}` from $SUR_PARENT_RUN_ID (the flow's stage run), else {}.
+
+    Passed as `tags=` to `mlflow.start_run`, it nests a stage's own run under the run of the
+    flow that started the stage; with an active run MLflow's own nesting takes precedence.
+    """
+    parent = os.environ.get(PARENT_RUN_ENV, "").strip()
+    return {PARENT_RUN_TAG: parent} if parent else {}
+
+
+def flatten_params(tree: dict, prefix: str = "") -> dict[str, str]:
+    """`{"a": {"b": 1}}` -> `{"a.b": "1"}` (MLflow params are flat strings)."""
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_params(value, f"{name}."))
+        else:
+            flat[name] = str(value)
+    return flat

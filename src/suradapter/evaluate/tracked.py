@@ -12,7 +12,7 @@ from suradapter.evaluate.report import write_report
 from suradapter.evaluate.run import EvaluationResult, evaluate_adapter, load_adapter
 from suradapter.model.adapter import SURAdapter
 from suradapter.provenance import git_commit
-from suradapter.tracking import tracking_uri
+from suradapter.tracking import parent_run_tags, tracking_uri
 from suradapter.train.track import comparison_grid, ensure_experiment, flatten
 
 
@@ -55,7 +55,8 @@ def evaluate_with_tracking(
     output = Path(params.evaluate.output_dir)
     write_report(output, result.report, grid)
     ensure_experiment(params.train.experiment, local=uri.startswith("sqlite:"))
-    with mlflow.start_run(run_name="evaluate", nested=mlflow.active_run() is not None):
+    nested = mlflow.active_run() is not None
+    with mlflow.start_run(run_name="evaluate", nested=nested, tags=parent_run_tags()):
         mlflow.log_params(flatten({"evaluate": params.evaluate.model_dump(mode="json")}))
         mlflow.set_tags(
             {

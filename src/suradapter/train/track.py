@@ -20,7 +20,7 @@ from suradapter.model.adapter import SURAdapter
 from suradapter.model.text_path import AdaptedTextPath
 from suradapter.model.zoo import load_base_from_params
 from suradapter.provenance import dvc_output_hashes, git_commit
-from suradapter.tracking import LOCAL_ARTIFACTS, tracking_uri
+from suradapter.tracking import LOCAL_ARTIFACTS, parent_run_tags, tracking_uri
 from suradapter.train.adapter import TrainResult, train_adapter
 
 LOSS_TERMS = ("total", "denoise", "llm_distill", "alignment")
@@ -100,7 +100,7 @@ def train_with_tracking(params: Params, grid_prompts: list[str]) -> TrainResult:
     uri = tracking_uri(params)
     mlflow.set_tracking_uri(uri)
     ensure_experiment(params.train.experiment, local=uri.startswith("sqlite:"))
-    with mlflow.start_run(run_name="train-adapter"):
+    with mlflow.start_run(run_name="train-adapter", tags=parent_run_tags()):
         mlflow.log_params(flatten(params.model_dump(mode="json")))
         tags = {"git_commit": git_commit(), "base_model": params.base_model.id}
         tags |= {f"dvc.{k}": v for k, v in dvc_output_hashes(("prepare", "embed")).items()}

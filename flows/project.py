@@ -1,0 +1,70 @@
+"""The DVC project a flow runs in: its params (as DVC sees them), its stages and its lock."""
+
+from __future__ import annotations
+
+import fcntl
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import yaml
+
+from flows.settings import LOCK_FILE, SHAPES_STAGE, STAGES
+from suradapter.config import Params, load_params
+
+
+class ProjectError(RuntimeError):
+    """The project cannot be run by the flow (missing file or stage); the message says why."""
+
+
+def project_params(project: Path) -> Params:
+    """Params of `project`/params.yaml on the profile it declares: what DVC tracks.
+
+    SUR_PROFILE is ignored on purpose (DVC resolves `configs/${profile}.yaml` from the file).
+    Raises ProjectError when params.yaml is missing; ParamsError when it is invalid.
+    """
+    path = project / "params.yaml"
+    if not path.is_file():
+        raise ProjectError(f"{path} not found: pass the project root as project_dir")
+    declared = (yaml.safe_load(path.read_text()) or {}).get("profile")
+    return load_params(path, profile=declared)
+
+
+def uses_shapes_world(params: Params) -> bool:
+    """True when the SURD source is the rendered shapes world (so `generate_shapes` runs)."""
+    return Path(params.prepare.source) == Path(params.shapes.output_dir)
+
+
+def planned_stages(project: Path, params: Params) -> list[tuple[str, bool]]:
+    """`(stage, applies)` for each of STAGES in order; raises ProjectError if dvc.yaml lacks one."""
+    dvc_yaml = project / "dvc.yaml"
+    declared = {}
+    if dvc_yaml.is_file():
+        declared = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {})
+    missing = [stage for stage in STAGES if stage not in declared]
+    if missing:
+        raise ProjectError(
+            f"{dvc_yaml} has no stage(s) {', '.join(missing)}: the retrain flow runs "
+            f"{', '.join(STAGES)} (is project_dir the repository root?)"
+        )
+    return [(stage, stage != SHAPES_STAGE or uses_shapes_world(params)) for stage in STAGES]
+
+
+@contextmanager
+def retrain_lock(project: Path, on_wait: Callable[[str], None]) -> Iterator[None]:
+    """Hold the project's retrain lock (a flock on LOCK_FILE); wait while another run holds it."""
+    path = project / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            on_wait(f"another retrain holds {path}; waiting for it to finish")
+            start = time.monotonic()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            on_wait(f"lock acquired after {time.monotonic() - start:.0f} s")
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
