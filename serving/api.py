@@ -7,6 +7,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Depends, HTTPException, Response
 from fastapi.responses import JSONResponse
 from PIL import Image
@@ -104,9 +105,11 @@ def build_router(context: ApiContext, keys: tuple[bytes, ...]) -> APIRouter:
         if request.encoding == "base64":
             body["data_base64"] = base64.b64encode(embeds.astype("<f4").tobytes()).decode()
         else:
-            body["embeddings"] = embeds.tolist()
+            body["embeddings"] = embeds.astype("float32", copy=False)
         body["dtype"] = "float32"
-        return JSONResponse(body)
+        # orjson writes the numpy array directly: several times faster than tolist + json
+        payload = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+        return Response(payload, media_type="application/json")
 
     @router.post(
         "/v1/generate",
