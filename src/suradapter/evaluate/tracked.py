@@ -12,8 +12,8 @@ from suradapter.evaluate.report import write_report
 from suradapter.evaluate.run import EvaluationResult, evaluate_adapter, load_adapter
 from suradapter.model.adapter import SURAdapter
 from suradapter.provenance import git_commit
-from suradapter.tracking import parent_run_tags, tracking_uri
-from suradapter.train.track import comparison_grid, ensure_experiment, flatten
+from suradapter.tracking import flatten_params, parent_run_tags, tracking_uri
+from suradapter.train.track import comparison_grid, ensure_experiment
 
 
 def production_baseline(params: Params, workdir: Path) -> tuple[str, SURAdapter] | None:
@@ -57,7 +57,7 @@ def evaluate_with_tracking(
     ensure_experiment(params.train.experiment, local=uri.startswith("sqlite:"))
     nested = mlflow.active_run() is not None
     with mlflow.start_run(run_name="evaluate", nested=nested, tags=parent_run_tags()):
-        mlflow.log_params(flatten({"evaluate": params.evaluate.model_dump(mode="json")}))
+        mlflow.log_params(flatten_params({"evaluate": params.evaluate.model_dump(mode="json")}))
         mlflow.set_tags(
             {
                 "git_commit": git_commit(),

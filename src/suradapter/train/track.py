@@ -8,7 +8,6 @@ tracking server is up.
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import mlflow
 import torch
@@ -20,23 +19,11 @@ from suradapter.model.adapter import SURAdapter
 from suradapter.model.text_path import AdaptedTextPath
 from suradapter.model.zoo import load_base_from_params
 from suradapter.provenance import dvc_output_hashes, git_commit
-from suradapter.tracking import LOCAL_ARTIFACTS, parent_run_tags, tracking_uri
+from suradapter.tracking import LOCAL_ARTIFACTS, flatten_params, parent_run_tags, tracking_uri
 from suradapter.train.adapter import TrainResult, train_adapter
 
 LOSS_TERMS = ("total", "denoise", "llm_distill", "alignment")
 GRID_SCALE = 4
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """`{"a": {"b": 1}}` -> `{"a.b": "1"}` (MLflow params are flat strings)."""
-    flat: dict[str, str] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = str(value)
-    return flat
 
 
 def loss_figure(log: list[dict]) -> Figure:
@@ -101,7 +88,7 @@ def train_with_tracking(params: Params, grid_prompts: list[str]) -> TrainResult:
     mlflow.set_tracking_uri(uri)
     ensure_experiment(params.train.experiment, local=uri.startswith("sqlite:"))
     with mlflow.start_run(run_name="train-adapter", tags=parent_run_tags()):
-        mlflow.log_params(flatten(params.model_dump(mode="json")))
+        mlflow.log_params(flatten_params(params.model_dump(mode="json")))
         tags = {"git_commit": git_commit(), "base_model": params.base_model.id}
         tags |= {f"dvc.{k}": v for k, v in dvc_output_hashes(("prepare", "embed")).items()}
         tags["teacher"] = params.embed.model
