@@ -151,10 +151,11 @@ def test_failing_gate_exits_non_zero_and_names_it(eval_project):
     assert set(metrics["alignment"]["retrieval_top1"]) == {"base", "adapter"}
 
 
-def test_passing_report_plots_and_mlflow_run(eval_project):
+def test_passing_report_plots_and_mlflow_run(eval_project, tiny_clip):
     """A non-shapes source (as in the real profile): alignment and denoising gates only."""
     raw = yaml.safe_load(eval_project.read_text())
     raw["shapes"]["output_dir"] = str(eval_project.parent / "not-the-source")
+    raw["evaluate"].update(clip_model=str(tiny_clip), clip_prompts=2)
     raw["evaluate"]["gates"].update(
         min_gap_closure=-100.0, max_keyword_drop=1.0, max_denoise_increase=100.0
     )
@@ -166,6 +167,7 @@ def test_passing_report_plots_and_mlflow_run(eval_project):
     assert report["passed"] is True and all(g["passed"] for g in report["gates"])
     assert {g["name"] for g in report["gates"]} == {"denoise_loss_increase", "retrieval_top1"}
     assert report["metrics"]["semantic"] is None
+    assert set(report["metrics"]["clip_score"]) == {"base", "adapter"}
     assert "PASSED" in (folder / "report.md").read_text()
     mlflow.set_tracking_uri(raw["train"]["tracking_uri"])
     runs = mlflow.search_runs(experiment_names=["sur-adapter"], output_format="list")
@@ -174,3 +176,49 @@ def test_passing_report_plots_and_mlflow_run(eval_project):
     assert latest.data.metrics["passed"] == 1.0
     names = {a.path for a in mlflow.MlflowClient().list_artifacts(latest.info.run_id, "eval")}
     assert {"eval/report.json", "eval/report.md"} <= names
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory, tiny_pipeline) -> Path:
+    """A tiny random CLIP model with a processor, saved as a local folder."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    config = CLIPConfig(
+        text_config=dict(small, max_position_embeddings=32, vocab_size=49408),
+        vision_config=dict(small, image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    CLIPModel(config).save_pretrained(folder)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    )
+    CLIPProcessor(
+        image_processor=image_processor, tokenizer=tiny_pipeline.tokenizer
+    ).save_pretrained(folder)
+    return folder
+
+
+def test_clip_score_is_bounded_deterministic_and_per_model(tiny_clip, tiny_pipeline, tiny_params):
+    from suradapter.evaluate.clip_score import clip_scores, load_clip
+    from suradapter.model.adapter import SURAdapter
+    from suradapter.model.text_path import AdaptedTextPath
+
+    sampling = tiny_params.sampling.model_copy(update={"steps": 2})
+    width = tiny_pipeline.text_encoder.config.hidden_size
+    adapter = SURAdapter.from_params(tiny_params.adapter, width).eval()
+    with torch.no_grad():
+        adapter.fc.weight.normal_(0, 1.0)  # a non-trivial adapter: its images differ
+    path = AdaptedTextPath.from_pipeline(tiny_pipeline, adapter)
+    prompts = ["a trio of fire-truck coloured coins", "two lemon-coloured floor tiles"]
+    models = {"base": None, "adapter": path.pipeline_embeds}
+    clip = load_clip(tiny_clip)
+    first = clip_scores(clip, tiny_pipeline, prompts, models, sampling)
+    assert set(first) == {"base", "adapter"}
+    assert all(0.0 <= value <= 100.0 for value in first.values())
+    assert clip_scores(clip, tiny_pipeline, prompts, models, sampling) == first
+    assert first["base"] != first["adapter"]
+    with pytest.raises(FileNotFoundError, match=r"evaluate\.clip_model"):
+        load_clip(tiny_clip / "missing")

@@ -341,6 +341,9 @@ class EvaluateParams(StrictModel):
     clip_model: str | None = Field(
         None, description="Local CLIP model path for CLIP score (real profile); null skips it."
     )
+    clip_prompts: int = Field(
+        32, ge=1, description="Held-out narrative prompts scored with CLIP score."
+    )
     grid_prompts: int = Field(6, ge=1, description="Prompts in the logged image grid.")
     gates: GateParams = Field(default_factory=GateParams, description="Promotion gates.")
 

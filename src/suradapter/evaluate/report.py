@@ -64,7 +64,9 @@ def markdown(report: dict) -> str:
         f"- held-out denoising loss (keyword prompts): base {denoise['base']:.4f}, "
         f"adapter {denoise['adapter']:.4f} ({denoise['relative_increase']:+.2%})"
     )
-    lines.append(f"- CLIP score: {metrics['clip_score_note']}")
+    clip = metrics.get("clip_score")
+    scores = ", ".join(f"{k} {v:.2f}" for k, v in clip.items()) + "; " if clip else ""
+    lines.append(f"- CLIP score: {scores}{metrics['clip_score_note']}")
     return "\n".join(lines) + "\n"
 
 

@@ -23,6 +23,7 @@ from diffusers.utils import logging as diffusers_logging
 
 from suradapter.config import Params
 from suradapter.evaluate.alignment import embedding_alignment
+from suradapter.evaluate.clip_score import clip_scores, load_clip
 from suradapter.evaluate.denoise import heldout_denoise_loss
 from suradapter.evaluate.gates import Gate, decide_gates
 from suradapter.evaluate.semantic import (
@@ -154,12 +155,18 @@ def evaluate_adapter(
         if production is not None:
             retrieval = metrics["alignment"]["retrieval_top1"]
             metrics["production_margin"] = retrieval["adapter"] - retrieval["production"]
-    metrics["clip_score"] = None
-    metrics["clip_score_note"] = (
-        "skipped: evaluate.clip_model is not set"
-        if settings.clip_model is None
-        else f"skipped: CLIP score is not implemented for {settings.clip_model} yet"
+    metrics["clip_score"], metrics["clip_score_note"] = (
+        None,
+        "skipped: evaluate.clip_model is not set",
     )
+    if settings.clip_model is not None:
+        clip = load_clip(settings.clip_model)
+        models_embed = {"base": None} | {name: m.pipeline_embeds for name, m in models.items()}
+        prompts = narratives[: settings.clip_prompts]
+        metrics["clip_score"] = clip_scores(clip, pipeline, prompts, models_embed, params.sampling)
+        metrics["clip_score_note"] = (
+            f"{len(prompts)} held-out narrative prompts, {settings.clip_model}"
+        )
 
     gates = decide_gates(metrics, settings.gates)
     report = {

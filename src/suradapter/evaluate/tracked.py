@@ -82,6 +82,7 @@ def headline_metrics(report: dict) -> dict[str, float]:
             flat |= {f"alignment_{metric}_{model}": v for model, v in values.items()}
     for field, values in metrics["denoise"].items():
         flat |= {f"denoise_{field}_{name}": v for name, v in values.items()}
+    flat |= {f"clip_score_{model}": v for model, v in (metrics.get("clip_score") or {}).items()}
     flat["gap_closure"] = metrics.get("gap_closure")
     flat["passed"] = float(report["passed"])
     return {k: float(v) for k, v in flat.items() if v is not None}
