@@ -404,5 +404,5 @@ def test_cli_register_promote_status_and_refusals(registry_env, artefacts, repo_
     assert code == 1 and "version 99 of sur-cli does not exist" in out, out
     code, out = sur("rollback")
     assert code == 1 and "no @previous version" in out, out
-    code, out = sur("register", "--eval", str(tmp_path))
+    code, out = sur("register", "--adapter", adapter, "--export", export, "--eval", str(tmp_path))
     assert code == 1 and "lacks report.json" in out, out
