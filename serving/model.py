@@ -162,14 +162,8 @@ class ServedVersion:
     def embed(self, prompts: list[str]) -> np.ndarray:
         """Adapted prompt embeddings, float32 [len(prompts), tokens, width]."""
         with self.token_lock:  # fast tokenizers refuse concurrent calls ("Already borrowed")
-            tokens = self.tokenizer(
-                prompts,
-                padding="max_length",
-                max_length=self.text_path.max_length,
-                truncation=True,
-                return_tensors="np",
-            )
-        return self.text_path.run(tokens["input_ids"], tokens["attention_mask"])
+            tokens = self.text_path.tokenize(self.tokenizer, prompts)
+        return self.text_path.run(**tokens)
 
     def generate(self, spec: SamplingSpec, compare_base: bool = False) -> Rendered:
         """The adapted image (and the base model's, same seed, when `compare_base`)."""

@@ -186,6 +186,17 @@ class OnnxTextPath:
         output = self.session.run(None, self.feeds(input_ids, attention_mask))[0]
         return output.astype(np.float32, copy=False)
 
+    def tokenize(self, tokenizer: Any, prompts: list[str]) -> dict[str, np.ndarray]:
+        """Token ids and mask of `prompts`, padded and truncated to this path's length."""
+        tokens = tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.max_length,
+            truncation=True,
+            return_tensors="np",
+        )
+        return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+
 
 def read_report(folder: Path) -> dict:
     """The export report (`export.json`) written beside the model."""

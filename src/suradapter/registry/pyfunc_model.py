@@ -85,11 +85,4 @@ class AdaptedTextPathModel(mlflow.pyfunc.PythonModel):
         params: dict[str, Any] | None = None,
     ) -> np.ndarray:
         prompts = as_prompts(model_input)
-        tokens = self.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=self.text_path.max_length,
-            truncation=True,
-            return_tensors="np",
-        )
-        return self.text_path.run(tokens["input_ids"], tokens["attention_mask"])
+        return self.text_path.run(**self.text_path.tokenize(self.tokenizer, prompts))
