@@ -283,12 +283,12 @@ def evaluate(
     ),
 ) -> None:
     """Score the adapter against the base (and @production); exit 1 when a gate fails."""
-    from suradapter.evaluate.run import load_adapter
+    from suradapter.evaluate.run import require_adapter
     from suradapter.evaluate.tracked import evaluate_with_tracking
 
     params = ctx.obj.load()
     try:
-        load_adapter(adapter_dir or Path(params.evaluate.adapter_dir))
+        require_adapter(adapter_dir or Path(params.evaluate.adapter_dir))
     except FileNotFoundError as err:
         fail(f"{err}: run `sur train` or pass --adapter")
     with console.status("evaluating (generating and scoring images)"):

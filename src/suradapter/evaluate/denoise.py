@@ -14,6 +14,7 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from suradapter.train.data import AdapterTrainingData
 
 ConditionFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+PROMPT_FIELDS = ("keyword", "narrative")
 
 
 @torch.inference_mode()
@@ -21,19 +22,19 @@ def heldout_denoise_loss(
     pipeline: StableDiffusionPipeline,
     data: AdapterTrainingData,
     conditions: dict[str, ConditionFn],
-    prompt_field: str,
     batches: int,
     batch_size: int,
     seed: int,
-) -> dict[str, float]:
-    """Mean epsilon/v MSE per conditioning over fixed held-out batches.
+) -> dict[str, dict[str, float]]:
+    """Mean epsilon/v MSE per prompt field and conditioning over fixed held-out batches.
 
-    `conditions[name](ids, mask)` turns token ids of `prompt_field` ("keyword" or
-    "narrative") into prompt embeddings [B, T, D].
+    `conditions[name](ids, mask)` turns token ids into prompt embeddings [B, T, D]; each
+    batch is encoded once and scored with its keyword and with its narrative prompts.
+    Returns `{"keyword": {name: loss}, "narrative": {name: loss}}`.
     """
     scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
     generator = torch.Generator().manual_seed(seed)
-    totals = dict.fromkeys(conditions, 0.0)
+    totals = {field: dict.fromkeys(conditions, 0.0) for field in PROMPT_FIELDS}
     count = min(batches, max(1, len(data) // batch_size))
     for _ in range(count):
         rows = torch.randint(len(data), (batch_size,), generator=generator)
@@ -48,12 +49,17 @@ def heldout_denoise_loss(
             target = scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
-        if prompt_field == "keyword":
-            ids, mask = batch.keyword_ids, data.keyword_mask[rows]
-        else:
-            ids, mask = batch.narrative_ids, batch.narrative_mask
-        for name, condition in conditions.items():
-            embeds = condition(ids, mask).to(pipeline.unet.dtype)
-            prediction = pipeline.unet(noisy, timesteps, encoder_hidden_states=embeds).sample
-            totals[name] += float((prediction.float() - target.float()).pow(2).mean())
-    return {name: total / count for name, total in totals.items()}
+        tokens = {
+            "keyword": (batch.keyword_ids, data.keyword_mask[rows]),
+            "narrative": (batch.narrative_ids, batch.narrative_mask),
+        }
+        for field, (ids, mask) in tokens.items():
+            for name, condition in conditions.items():
+                embeds = condition(ids, mask).to(pipeline.unet.dtype)
+                prediction = pipeline.unet(noisy, timesteps, encoder_hidden_states=embeds).sample
+                loss = float((prediction.float() - target.float()).pow(2).mean())
+                totals[field][name] += loss
+    return {
+        field: {name: total / count for name, total in losses.items()}
+        for field, losses in totals.items()
+    }

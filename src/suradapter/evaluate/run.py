@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
+from PIL import Image
 
 from suradapter.config import Params
 from suradapter.evaluate.alignment import embedding_alignment
@@ -39,6 +40,7 @@ from suradapter.model.text_path import AdaptedTextPath
 from suradapter.model.zoo import load_base_from_params
 from suradapter.provenance import sha256_file
 from suradapter.train.data import AdapterTrainingData
+from suradapter.train.track import comparison_grid
 
 ADAPTER_WEIGHTS = "diffusion_pytorch_model.safetensors"
 TEST_SPLIT = "test"
@@ -48,6 +50,7 @@ TEST_SPLIT = "test"
 class EvaluationResult:
     report: dict
     gates: list[Gate]
+    grid: Image.Image | None = None  # base | adapter images of held-out narrative prompts
 
     @property
     def passed(self) -> bool:
@@ -63,11 +66,16 @@ def is_shapes_world(params: Params) -> bool:
     return Path(params.prepare.source) == Path(params.shapes.output_dir)
 
 
-def load_adapter(folder: Path) -> SURAdapter:
-    """Load a saved adapter in eval mode; raises FileNotFoundError naming the folder."""
+def require_adapter(folder: Path) -> Path:
+    """Return `folder` if it holds a trained adapter; raises FileNotFoundError naming it."""
     if not (Path(folder) / ADAPTER_WEIGHTS).is_file():
         raise FileNotFoundError(f"{folder}: no trained adapter ({ADAPTER_WEIGHTS} missing)")
-    return SURAdapter.from_pretrained(folder).eval()
+    return Path(folder)
+
+
+def load_adapter(folder: Path) -> SURAdapter:
+    """Load a saved adapter in eval mode; raises FileNotFoundError naming the folder."""
+    return SURAdapter.from_pretrained(require_adapter(folder)).eval()
 
 
 def heldout_pairs(manifest: Path, limit: int) -> tuple[list[str], list[str]]:
@@ -79,27 +87,14 @@ def heldout_pairs(manifest: Path, limit: int) -> tuple[list[str], list[str]]:
     return [row["text"] for row in rows], [row["prompt"] for row in rows]
 
 
-def _plain_encoder(pipeline: StableDiffusionPipeline):
+def _plain_encoder(path: AdaptedTextPath):
+    """The base text path alone: the frozen encoder's states, no adapter."""
+
     def encode(prompts: list[str]) -> torch.Tensor:
-        tokens = pipeline.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=pipeline.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        return pipeline.text_encoder(tokens.input_ids)[0]
+        tokens = path.tokenize(prompts)
+        return path.encode_text(tokens.input_ids, tokens.attention_mask)
 
     return encode
-
-
-def _conditioning(pipeline: StableDiffusionPipeline, path: AdaptedTextPath | None):
-    def condition(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if path is None:
-            return pipeline.text_encoder(ids)[0]
-        return path(ids, mask)
-
-    return condition
 
 
 def evaluate_adapter(
@@ -111,6 +106,7 @@ def evaluate_adapter(
     """Score the adapter in `adapter_dir` (default: evaluate.adapter_dir) and decide gates.
 
     `production` is (version, adapter) of the model behind @production, when there is one.
+    With `grid`, the shapes world also gets an image grid of held-out narrative prompts.
     """
     started = time.monotonic()
     diffusers_logging.set_verbosity_error()  # long narratives: one truncation notice per batch
@@ -125,27 +121,24 @@ def evaluate_adapter(
 
     metrics: dict = {"production_version": production[0] if production else None}
     narratives, keywords = heldout_pairs(Path(params.embed.manifest), settings.alignment_rows)
-    base_encode = _plain_encoder(pipeline)
+    base_encode = _plain_encoder(path)
     encoders = {"base": base_encode} | {name: m.encode for name, m in models.items()}
     metrics["alignment"] = embedding_alignment(narratives, keywords, encoders, base_encode)
 
     data = AdapterTrainingData(
         Path(params.embed.manifest), pipeline.tokenizer, None, split=TEST_SPLIT
     )
-    conditions = {"base": _conditioning(pipeline, None), "adapter": _conditioning(pipeline, path)}
-    metrics["denoise"] = {}
-    for field in ("keyword", "narrative"):
-        losses = heldout_denoise_loss(
-            pipeline,
-            data,
-            conditions,
-            field,
-            settings.denoise_batches,
-            params.train.batch_size,
-            params.sampling.seed + 1,
-        )
+    conditions = {"base": path.encode_text, "adapter": path}
+    metrics["denoise"] = heldout_denoise_loss(
+        pipeline,
+        data,
+        conditions,
+        settings.denoise_batches,
+        params.train.batch_size,
+        params.sampling.seed + 1,
+    )
+    for losses in metrics["denoise"].values():
         losses["relative_increase"] = losses["adapter"] / losses["base"] - 1.0
-        metrics["denoise"][field] = losses
 
     if is_shapes_world(params):
         metrics |= _semantic_metrics(params, pipeline, models)
@@ -179,7 +172,18 @@ def evaluate_adapter(
         "metrics": metrics,
         "seconds": round(time.monotonic() - started, 1),
     }
-    return EvaluationResult(report, gates)
+    image_grid = None
+    if grid and is_shapes_world(params):
+        image_grid = comparison_grid(params, adapter, grid_prompts(params), pipeline)
+    return EvaluationResult(report, gates, image_grid)
+
+
+def grid_prompts(params: Params) -> list[str]:
+    """Narrative prompts of the held-out combinations for the image grid."""
+    sets = prompt_sets(params.shapes, params.sampling, params.evaluate.images_per_combination)
+    prompts = sets[HELDOUT_COMBINATIONS].prompts
+    step = max(1, len(prompts) // params.evaluate.grid_prompts)
+    return prompts[::step][: params.evaluate.grid_prompts]
 
 
 def _semantic_metrics(

@@ -13,7 +13,7 @@ from suradapter.evaluate.run import EvaluationResult, evaluate_adapter, load_ada
 from suradapter.model.adapter import SURAdapter
 from suradapter.provenance import git_commit
 from suradapter.tracking import flatten_params, parent_run_tags, tracking_uri
-from suradapter.train.track import comparison_grid, ensure_experiment
+from suradapter.train.track import ensure_experiment
 
 
 def production_baseline(params: Params, workdir: Path) -> tuple[str, SURAdapter] | None:
@@ -27,33 +27,17 @@ def production_baseline(params: Params, workdir: Path) -> tuple[str, SURAdapter]
     return version, load_adapter(fetched.root / "artifacts" / "adapter")
 
 
-def grid_prompts(params: Params) -> list[str]:
-    """Narrative prompts of the held-out combinations for the image grid."""
-    from suradapter.evaluate.semantic import HELDOUT_COMBINATIONS, prompt_sets
-
-    sets = prompt_sets(params.shapes, params.sampling, params.evaluate.images_per_combination)
-    prompts = sets[HELDOUT_COMBINATIONS].prompts
-    step = max(1, len(prompts) // params.evaluate.grid_prompts)
-    return prompts[::step][: params.evaluate.grid_prompts]
-
-
 def evaluate_with_tracking(
     params: Params, adapter_dir: Path | None = None, use_production: bool = True
 ) -> EvaluationResult:
     """Evaluate inside an MLflow run; write evaluate.output_dir; log report, plots, metrics."""
-    from suradapter.evaluate.run import is_shapes_world
-
     uri = tracking_uri(params)
     mlflow.set_tracking_uri(uri)
     with tempfile.TemporaryDirectory(prefix="sur-production-") as workdir:
         production = production_baseline(params, Path(workdir)) if use_production else None
         result = evaluate_adapter(params, adapter_dir, production)
-    folder = Path(adapter_dir or params.evaluate.adapter_dir)
-    grid = None
-    if is_shapes_world(params):
-        grid = comparison_grid(params, load_adapter(folder), grid_prompts(params))
     output = Path(params.evaluate.output_dir)
-    write_report(output, result.report, grid)
+    write_report(output, result.report, result.grid)
     ensure_experiment(params.train.experiment, local=uri.startswith("sqlite:"))
     nested = mlflow.active_run() is not None
     with mlflow.start_run(run_name="evaluate", nested=nested, tags=parent_run_tags()):

@@ -11,6 +11,7 @@ import os
 
 import mlflow
 import torch
+from diffusers import StableDiffusionPipeline
 from matplotlib.figure import Figure
 from PIL import Image
 
@@ -39,9 +40,17 @@ def loss_figure(log: list[dict]) -> Figure:
     return figure
 
 
-def comparison_grid(params: Params, adapter: SURAdapter, prompts: list[str]) -> Image.Image:
-    """Rows of [base, adapter] images for `prompts`, same seed per row, upscaled for viewing."""
-    pipeline = load_base_from_params(params.base_model)
+def comparison_grid(
+    params: Params,
+    adapter: SURAdapter,
+    prompts: list[str],
+    pipeline: StableDiffusionPipeline | None = None,
+) -> Image.Image:
+    """Rows of [base, adapter] images for `prompts`, same seed per row, upscaled for viewing.
+
+    `pipeline` is the base model when the caller has it loaded already.
+    """
+    pipeline = pipeline or load_base_from_params(params.base_model)
     path = AdaptedTextPath.from_pipeline(pipeline, adapter.eval())
     size = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     common = dict(
