@@ -15,6 +15,7 @@ import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -60,14 +61,19 @@ class RetrainResult:
         return asdict(self)
 
 
-@task(
-    task_run_name="dvc:{stage}",
-    retries=STAGE_RETRIES,
-    retry_delay_seconds=exponential_backoff(RETRY_BACKOFF_S),
-    retry_jitter_factor=RETRY_JITTER,
-    cache_policy=NO_CACHE,
-    persist_result=False,
-)
+def retrying(retries: int) -> dict[str, Any]:
+    """Task options of every step: retries with jittered exponential backoff, no caching
+    (DVC, not Prefect, decides what is up to date)."""
+    return {
+        "retries": retries,
+        "retry_delay_seconds": exponential_backoff(RETRY_BACKOFF_S),
+        "retry_jitter_factor": RETRY_JITTER,
+        "cache_policy": NO_CACHE,
+        "persist_result": False,
+    }
+
+
+@task(task_run_name="dvc:{stage}", **retrying(STAGE_RETRIES))
 def dvc_stage(stage: str, project: Path, tracking: FlowTracking, echo: bool) -> StageResult:
     """Run one DVC stage inside a child MLflow run; raises StageFailed (retried) on failure."""
     logger = get_run_logger()
@@ -89,13 +95,7 @@ def dvc_stage(stage: str, project: Path, tracking: FlowTracking, echo: bool) -> 
     return result
 
 
-@task(
-    retries=REGISTRY_RETRIES,
-    retry_delay_seconds=exponential_backoff(RETRY_BACKOFF_S),
-    retry_jitter_factor=RETRY_JITTER,
-    cache_policy=NO_CACHE,
-    persist_result=False,
-)
+@task(**retrying(REGISTRY_RETRIES))
 def register(params: Params, tracking: FlowTracking) -> Registration:
     """Register the adapter, export and eval report (or reuse the identical version)."""
     start = time.monotonic()
@@ -116,13 +116,7 @@ def register(params: Params, tracking: FlowTracking) -> Registration:
     return registration
 
 
-@task(
-    retries=REGISTRY_RETRIES,
-    retry_delay_seconds=exponential_backoff(RETRY_BACKOFF_S),
-    retry_jitter_factor=RETRY_JITTER,
-    cache_policy=NO_CACHE,
-    persist_result=False,
-)
+@task(**retrying(REGISTRY_RETRIES))
 def promote(params: Params, registration: Registration, tracking: FlowTracking) -> Registration:
     """Promote by `registry.promotion` (auto: a passing version goes to @production)."""
     start = time.monotonic()
