@@ -15,6 +15,7 @@ from suradapter.model.losses import (
     feature_distance,
     llm_distillation_loss,
     min_snr_weights,
+    preservation_loss,
 )
 
 DISTANCES = ["softmax_kl", "mse", "cosine"]
@@ -147,3 +148,50 @@ def test_combine_uses_the_params_weights():
     terms = combine_losses(params, torch.tensor(1.0), torch.tensor(10.0), torch.tensor(100.0))
     assert float(terms.total) == pytest.approx(3.0 + 20.0 + 50.0)
     assert terms.as_floats()["alignment"] == 100.0
+
+
+def test_combine_adds_the_weighted_preservation_term_and_defaults_it_to_zero():
+    params = LossParams(preservation=DistanceParams(weight=4.0))
+    one = torch.tensor(1.0)
+    terms = combine_losses(params, one, one, one, torch.tensor(2.0))
+    assert float(terms.total) == pytest.approx(1.0 + 1.0 + 1.0 + 8.0)
+    assert terms.as_floats()["preservation"] == 2.0
+    without = combine_losses(params, one, one, one)
+    assert float(without.total) == pytest.approx(3.0)
+    assert LossParams().preservation.weight == 0.0  # the reference has no such term
+
+
+def test_preservation_is_zero_for_an_identity_adapter_and_trains_only_the_adapter():
+    keyword = torch.randn(3, 6, 32, requires_grad=True)
+    identity = SURAdapter(width=32, depth=1, num_heads=4, ff_dim=64, adapter_weight=0.0).eval()
+    params = DistanceParams()
+    assert preservation_loss(identity(keyword).adapted, keyword, params).abs() < 1e-6
+
+    adapter = SURAdapter(width=32, depth=1, num_heads=4, ff_dim=64, adapter_weight=0.5).eval()
+    loss = preservation_loss(adapter(keyword).adapted, keyword, params)
+    assert loss > 0
+    loss.backward()
+    assert adapter.fc.weight.grad is not None and adapter.fc.weight.grad.abs().sum() > 0
+    # the target side is detached: only the adapted copy carries gradient to the input
+    adapted_only = torch.autograd.grad(
+        preservation_loss(adapter(keyword).adapted, keyword, params), keyword
+    )[0]
+    through_target = torch.autograd.grad(
+        feature_distance(adapter(keyword).adapted, keyword, params.distance), keyword
+    )[0]
+    assert not torch.allclose(adapted_only, through_target)
+
+
+def test_a_step_on_preservation_moves_keyword_outputs_back_towards_their_inputs():
+    torch.manual_seed(0)
+    keyword = torch.randn(4, 6, 32)
+    adapter = SURAdapter(width=32, depth=1, num_heads=4, ff_dim=64, adapter_weight=0.5).eval()
+    with torch.no_grad():
+        adapter.fc.weight.normal_(std=0.5)
+    optimiser = torch.optim.SGD(adapter.parameters(), lr=0.05)
+    params = DistanceParams(distance="mse")
+    before = preservation_loss(adapter(keyword).adapted, keyword, params)
+    before.backward()
+    optimiser.step()
+    after = preservation_loss(adapter(keyword).adapted, keyword, params)
+    assert after < before

@@ -96,6 +96,10 @@ def test_only_the_adapter_gets_gradients(tiny_project):
     for module in (frozen.text_encoder, frozen.unet, frozen.vae):
         assert all(p.grad is None and not p.requires_grad for p in module.parameters())
     assert all(torch.isfinite(v) for v in (terms.denoise, terms.llm_distill, terms.alignment))
+    kept = params.loss.preservation.weight
+    assert kept > 0 and float(terms.preservation) > 0  # keyword prompts run through it too
+    parts = terms.denoise + terms.llm_distill + terms.alignment + kept * terms.preservation
+    torch.testing.assert_close(terms.total, parts)
 
 
 def test_training_lowers_the_losses(tiny_project):

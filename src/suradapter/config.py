@@ -111,6 +111,12 @@ class LossParams(StrictModel):
     denoise: DenoiseParams = Field(
         default_factory=DenoiseParams, description="Denoising loss through the frozen UNet."
     )
+    preservation: DistanceParams = Field(
+        default_factory=lambda: DistanceParams(weight=0.0),
+        description="Keyword preservation: adapted keyword embedding vs CLIP(keyword prompt), "
+        "so prompts the base already understands pass through unchanged. Not in the "
+        "reference (weight 0 there).",
+    )
 
 
 class ShapesParams(StrictModel):

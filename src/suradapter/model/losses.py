@@ -93,6 +93,22 @@ def alignment_loss(
     )
 
 
+def preservation_loss(
+    adapted_keyword: torch.Tensor,
+    keyword_states: torch.Tensor,
+    params: DistanceParams,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Adapted keyword embedding vs the frozen CLIP(keyword prompt) it came from, [B, T, D].
+
+    The adapter should leave a prompt the base already follows as it is; this keeps the
+    keyword-prompt quality that the alignment term alone does not protect.
+    """
+    return feature_distance(
+        adapted_keyword, keyword_states.detach(), params.distance, params.temperature, mask
+    )
+
+
 def denoising_loss(
     unet: nn.Module,
     noisy_latents: torch.Tensor,
@@ -136,18 +152,27 @@ class LossTerms:
     denoise: torch.Tensor
     llm_distill: torch.Tensor
     alignment: torch.Tensor
+    preservation: torch.Tensor
 
     def as_floats(self) -> dict[str, float]:
         return {name: float(getattr(self, name).detach()) for name in self.__dataclass_fields__}
 
 
 def combine_losses(
-    params: LossParams, denoise: torch.Tensor, llm_distill: torch.Tensor, alignment: torch.Tensor
+    params: LossParams,
+    denoise: torch.Tensor,
+    llm_distill: torch.Tensor,
+    alignment: torch.Tensor,
+    preservation: torch.Tensor | None = None,
 ) -> LossTerms:
-    """total = w_denoise * denoise + w_llm * llm_distill + w_align * alignment."""
+    """total = w_denoise * denoise + w_llm * llm_distill + w_align * alignment
+    + w_keep * preservation (a missing preservation term counts as 0)."""
+    if preservation is None:
+        preservation = torch.zeros_like(alignment)
     total = (
         params.denoise.weight * denoise
         + params.llm_distill.weight * llm_distill
         + params.alignment.weight * alignment
+        + params.preservation.weight * preservation
     )
-    return LossTerms(total, denoise, llm_distill, alignment)
+    return LossTerms(total, denoise, llm_distill, alignment, preservation)

@@ -31,6 +31,7 @@ from suradapter.model.losses import (
     combine_losses,
     denoising_loss,
     llm_distillation_loss,
+    preservation_loss,
 )
 from suradapter.model.zoo import load_base_from_params
 from suradapter.provenance import sha256_file
@@ -121,6 +122,10 @@ def step_loss(
         out.encoder_features, target_teacher, params.loss.llm_distill, keep * token_mask
     )
     align = alignment_loss(out.adapted, keyword_states, params.loss.alignment)
+    preserve = None
+    if params.loss.preservation.weight > 0:
+        kept = adapter(keyword_states, batch.keyword_mask).adapted
+        preserve = preservation_loss(kept, keyword_states, params.loss.preservation)
     noise = torch.randn(latents.shape, generator=generator).to(device)
     steps = frozen.noise_scheduler.config.num_train_timesteps
     timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator).to(device)
@@ -139,7 +144,7 @@ def step_loss(
         snr=compute_snr(frozen.noise_scheduler, timesteps),
         prediction_type=frozen.prediction_type,
     )
-    return combine_losses(params.loss, denoise, llm, align)
+    return combine_losses(params.loss, denoise, llm, align, preserve)
 
 
 def make_optimizer(params: Params, adapter: nn.Module) -> torch.optim.Optimizer:
@@ -295,6 +300,7 @@ def _to_device(batch: AdapterBatch, device: torch.device) -> AdapterBatch:
         narrative_ids=batch.narrative_ids.to(device),
         narrative_mask=batch.narrative_mask.to(device),
         keyword_ids=batch.keyword_ids.to(device),
+        keyword_mask=batch.keyword_mask.to(device),
         pixels=batch.pixels.to(device),
         teacher=batch.teacher.to(device),
     )

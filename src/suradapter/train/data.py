@@ -25,6 +25,7 @@ class AdapterBatch:
     narrative_ids: torch.Tensor  # [B, T]
     narrative_mask: torch.Tensor  # [B, T]
     keyword_ids: torch.Tensor  # [B, T]
+    keyword_mask: torch.Tensor  # [B, T]
     pixels: torch.Tensor  # [B, 3, H, W]
     teacher: torch.Tensor  # [B, D]
 
@@ -68,6 +69,7 @@ class AdapterTrainingData:
             narrative_ids=self.narrative_ids[text_rows],
             narrative_mask=self.narrative_mask[text_rows],
             keyword_ids=self.keyword_ids[text_rows],
+            keyword_mask=self.keyword_mask[text_rows],
             pixels=torch.stack([self._pixels(int(i)) for i in indices]),
             teacher=self.teacher[text_rows],
         )

@@ -23,7 +23,7 @@ from suradapter.provenance import dvc_output_hashes, git_commit
 from suradapter.tracking import LOCAL_ARTIFACTS, flatten_params, parent_run_tags, tracking_uri
 from suradapter.train.adapter import TrainResult, train_adapter
 
-LOSS_TERMS = ("total", "denoise", "llm_distill", "alignment")
+LOSS_TERMS = ("total", "denoise", "llm_distill", "alignment", "preservation")
 GRID_SCALE = 4
 
 
@@ -33,7 +33,7 @@ def loss_figure(log: list[dict]) -> Figure:
     axes = figure.subplots(1, len(LOSS_TERMS))
     steps = [record["step"] for record in log]
     for axis, term in zip(axes, LOSS_TERMS, strict=True):
-        axis.plot(steps, [record[term] for record in log])
+        axis.plot(steps, [record.get(term, float("nan")) for record in log])
         axis.set_title(term)
         axis.set_xlabel("step")
     figure.tight_layout()
