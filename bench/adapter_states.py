@@ -126,7 +126,6 @@ def train_model(
     params: Params,
     steps: int,
     batch_size: int,
-    preserve: bool,
 ) -> float:
     """AdamW with warm-up + cosine (as `sur train`), alignment + preservation distances."""
     lr = params.train.learning_rate
@@ -142,7 +141,7 @@ def train_model(
         rows = torch.randint(0, len(narrative[0]), (batch_size,), generator=generator)
         states, target = narrative[0][rows], keyword[0][rows]
         loss = feature_distance(forward(states, narrative[1][rows]), target, align.distance)
-        if preserve and keep.weight > 0:
+        if keep.weight > 0:
             kept = forward(target, keyword[1][rows])
             loss = loss + keep.weight * feature_distance(kept, target, keep.distance)
         optimiser.zero_grad()
@@ -212,32 +211,16 @@ def main() -> None:
     }
     width = narrative[0].shape[-1]
     adapter = SURAdapter.from_params(params.adapter.model_copy(update={"teacher_dim": None}), width)
-    seconds = train_model(
-        adapter,
-        lambda s, m: adapter(s, m).adapted,
-        narrative,
-        keyword,
-        params,
-        steps,
-        batch_size,
-        preserve=True,
-    )
-    print(f"adapter: {steps} steps in {seconds:.0f} s")
-    candidates["adapter"] = lambda s, m: adapter(s, m).adapted
+    trainable: dict[str, tuple[nn.Module, Model]] = {
+        "adapter": (adapter, lambda s, m: adapter(s, m).adapted)
+    }
     if args.token_mlp:
-        model = TokenMLP(width, narrative[0].shape[1], args.hidden, depth=2)
-        seconds = train_model(
-            model,
-            lambda s, m: s + model(scale(s), m),
-            narrative,
-            keyword,
-            params,
-            steps,
-            batch_size,
-            preserve=True,
-        )
-        print(f"token_mlp: {steps} steps in {seconds:.0f} s")
-        candidates["token_mlp"] = lambda s, m: s + model(scale(s), m)
+        token_model = TokenMLP(width, narrative[0].shape[1], args.hidden, depth=2)
+        trainable["token_mlp"] = (token_model, lambda s, m: s + token_model(scale(s), m))
+    for name, (module, forward) in trainable.items():
+        seconds = train_model(module, forward, narrative, keyword, params, steps, batch_size)
+        print(f"{name}: {steps} steps in {seconds:.0f} s")
+        candidates[name] = forward
     short = {HELDOUT_COMBINATIONS: "heldout_combinations", HELDOUT_TEMPLATES: "heldout_templates"}
     results = []
     with torch.no_grad():
