@@ -8,6 +8,7 @@ tracking server is up.
 from __future__ import annotations
 
 import os
+from dataclasses import fields
 
 import mlflow
 import torch
@@ -17,13 +18,14 @@ from PIL import Image
 
 from suradapter.config import Params
 from suradapter.model.adapter import SURAdapter
+from suradapter.model.losses import LossTerms
 from suradapter.model.text_path import AdaptedTextPath
 from suradapter.model.zoo import load_base_from_params
 from suradapter.provenance import dvc_output_hashes, git_commit
 from suradapter.tracking import LOCAL_ARTIFACTS, flatten_params, parent_run_tags, tracking_uri
 from suradapter.train.adapter import TrainResult, train_adapter
 
-LOSS_TERMS = ("total", "denoise", "llm_distill", "alignment", "preservation")
+LOSS_TERMS = tuple(field.name for field in fields(LossTerms))  # what each log record holds
 GRID_SCALE = 4
 
 
@@ -33,7 +35,7 @@ def loss_figure(log: list[dict]) -> Figure:
     axes = figure.subplots(1, len(LOSS_TERMS))
     steps = [record["step"] for record in log]
     for axis, term in zip(axes, LOSS_TERMS, strict=True):
-        axis.plot(steps, [record.get(term, float("nan")) for record in log])
+        axis.plot(steps, [record[term] for record in log])
         axis.set_title(term)
         axis.set_xlabel("step")
     figure.tight_layout()
