@@ -136,7 +136,7 @@ def embed_mlflow(client: httpx.Client) -> None:
 
 def build_version(pipeline, params: Params, folder: Path, seed: int) -> list[Path]:
     """A trained-like adapter, its ONNX export and a passing eval report (as the tests do)."""
-    adapter = SURAdapter.from_params(params.adapter, pipeline.text_encoder.config.hidden_size)
+    adapter = SURAdapter.for_pipeline(params.adapter, pipeline)
     with torch.no_grad():
         adapter.fc.weight.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(seed))
     adapter.eval().save_pretrained(folder / "adapter")

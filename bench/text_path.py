@@ -117,8 +117,7 @@ def main() -> None:
     print(f"torch threads {torch.get_num_threads()}")
     tiny_adapter_params = load_params(Path("params.yaml"), profile="tiny").adapter
     pipeline = load_base_pipeline("tiny")
-    width = pipeline.text_encoder.config.hidden_size
-    adapter = SURAdapter.from_params(tiny_adapter_params, width).eval()
+    adapter = SURAdapter.for_pipeline(tiny_adapter_params, pipeline).eval()
     tiny = AdaptedTextPath.from_pipeline(pipeline, adapter)
     measure("tiny", tiny, settings, args.rounds, "_tiny")
     base = load_params(Path("params.yaml")).bootstrap.output_dir

@@ -58,9 +58,8 @@ def main() -> None:
         dropped = torch.zeros(args.batch_size, dtype=torch.bool)
         batch = data.batch(rows, dropped)  # reads the images: inside the temp folder's life
 
-    width = pipeline.text_encoder.config.hidden_size
     adapter_params = params.adapter.model_copy(update={"teacher_dim": data.teacher.shape[1]})
-    adapter = SURAdapter.from_params(adapter_params, width).train()
+    adapter = SURAdapter.for_pipeline(adapter_params, pipeline).train()
     optimizer = make_optimizer(params, adapter)
 
     def ours() -> None:

@@ -207,8 +207,7 @@ def test_clip_score_is_bounded_deterministic_and_per_model(tiny_clip, tiny_pipel
     from suradapter.model.text_path import AdaptedTextPath
 
     sampling = tiny_params.sampling.model_copy(update={"steps": 2})
-    width = tiny_pipeline.text_encoder.config.hidden_size
-    adapter = SURAdapter.from_params(tiny_params.adapter, width).eval()
+    adapter = SURAdapter.for_pipeline(tiny_params.adapter, tiny_pipeline).eval()
     with torch.no_grad():
         adapter.fc.weight.normal_(0, 1.0)  # a non-trivial adapter: its images differ
     path = AdaptedTextPath.from_pipeline(tiny_pipeline, adapter)

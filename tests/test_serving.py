@@ -93,8 +93,7 @@ def write_params(folder: Path, repo_root: Path) -> Path:
 
 def build_version(pipeline, params: Params, folder: Path, seed: int) -> tuple[Path, Path, Path]:
     """An adapter whose fusion has moved, its ONNX export and a passing eval report."""
-    width = pipeline.text_encoder.config.hidden_size
-    adapter = SURAdapter.from_params(params.adapter, width).eval()
+    adapter = SURAdapter.for_pipeline(params.adapter, pipeline).eval()
     with torch.no_grad():
         adapter.fc.weight.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(seed))
     adapter.save_pretrained(folder / "adapter")

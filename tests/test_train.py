@@ -80,7 +80,7 @@ def test_only_the_adapter_gets_gradients(tiny_project):
         Path(params.embed.manifest), pipeline.tokenizer, open_cache(params.embed)
     )
     adapter_params = params.adapter.model_copy(update={"teacher_dim": data.teacher.shape[1]})
-    adapter = SURAdapter.from_params(adapter_params, 32)
+    adapter = SURAdapter.for_pipeline(adapter_params, pipeline)
     rows, dropped = torch.arange(8), torch.tensor([False] * 6 + [True] * 2)
     terms = step_loss(
         params,
@@ -120,6 +120,28 @@ def test_training_lowers_the_losses(tiny_project):
         after = sum(r[term] for r in last) / 3
         assert after < before, (term, before, after)
     assert (root / "lowers" / "config.json").is_file()
+
+
+def test_the_token_mixer_is_standardised_on_training_states_before_step_0(tiny_project):
+    from suradapter.model.adapter import SURAdapter
+    from suradapter.model.zoo import load_base_from_params
+    from suradapter.train.adapter import fit_mixer_statistics, train_adapter
+    from suradapter.train.data import AdapterTrainingData
+
+    root = tiny_project.parent
+    params = _params(
+        tiny_project, output_dir=str(root / "mixed"), checkpoint_dir=str(root / "mixed-ckpt")
+    )
+    assert params.adapter.token_mixer is not None
+    trained = SURAdapter.from_pretrained(train_adapter(params).output_dir)
+    pipeline = load_base_from_params(params.base_model)
+    data = AdapterTrainingData(Path(params.embed.manifest), pipeline.tokenizer, None)
+    fresh = SURAdapter.for_pipeline(params.adapter, pipeline)
+    rows = min(len(data), params.adapter.token_mixer.fit_rows)
+    assert fit_mixer_statistics(fresh, pipeline.text_encoder, data, params) == 2 * rows
+    assert not torch.equal(fresh.mixer.input_std, torch.ones_like(fresh.mixer.input_std))
+    torch.testing.assert_close(trained.mixer.input_mean, fresh.mixer.input_mean)
+    torch.testing.assert_close(trained.mixer.input_std, fresh.mixer.input_std)
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -106,17 +106,17 @@ def adapter_info(
 def _adapter_for_profile(params: Params) -> SURAdapter:
     from suradapter.model.adapter import SURAdapter
 
-    text_width = None
-    if params.adapter.width is None:
-        from suradapter.model.zoo import BaseModelNotFoundError, load_base_from_params
-
-        try:
-            pipeline = load_base_from_params(params.base_model)
-        except BaseModelNotFoundError as err:
-            fail(str(err))
-        text_width = pipeline.text_encoder.config.hidden_size
+    mixer = params.adapter.token_mixer
     try:
-        return SURAdapter.from_params(params.adapter, text_width)
+        if params.adapter.width is None or (mixer is not None and mixer.tokens is None):
+            from suradapter.model.zoo import BaseModelNotFoundError, load_base_from_params
+
+            try:
+                pipeline = load_base_from_params(params.base_model)
+            except BaseModelNotFoundError as err:
+                fail(str(err))
+            return SURAdapter.for_pipeline(params.adapter, pipeline)
+        return SURAdapter.from_params(params.adapter)
     except ValueError as err:
         fail(str(err))
 

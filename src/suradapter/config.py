@@ -50,6 +50,23 @@ class BaseModelParams(StrictModel):
     seed: int = Field(0, description="Seed for building the 'tiny' model from its configs.")
 
 
+class TokenMixerParams(StrictModel):
+    """The fixed-mode token-mixer branch (see `suradapter.model.token_mixer`)."""
+
+    tokens: int | None = Field(
+        None, ge=1, description="Prompt length in tokens; null = the base tokenizer's max length."
+    )
+    hidden: int = Field(128, ge=1, description="Channel width inside the mixer.")
+    token_hidden: int = Field(64, ge=1, description="Hidden width of the across-token MLP.")
+    depth: int = Field(2, ge=1, description="Mixer blocks.")
+    fit_rows: int = Field(
+        4096,
+        ge=2,
+        description="Training rows whose narrative and keyword states fit the input "
+        "standardisation before step 0.",
+    )
+
+
 class AdapterParams(StrictModel):
     mode: Literal["fixed", "reference"] = Field(
         "fixed",
@@ -76,6 +93,11 @@ class AdapterParams(StrictModel):
         "null for no projection.",
     )
     init_seed: int = Field(0, description="Seed of the adapter's weight initialisation.")
+    token_mixer: TokenMixerParams | None = Field(
+        None,
+        description="Fixed mode only: a position-aware mixer branch added to the fused "
+        "output; null = the paper's adapter alone.",
+    )
 
 
 class DistanceParams(StrictModel):

@@ -6,9 +6,11 @@ One class, two modes:
   it keeps the unused template layer and `attention.value_layer`, and it loads the official
   checkpoints strictly.
 - `fixed` (default): `batch_first=True` with a key-padding mask, so attention runs over the
-  tokens of each prompt; no unused weights; an optional learnable teacher projection.
+  tokens of each prompt; no unused weights; an optional learnable teacher projection; an
+  optional position-aware token mixer (`suradapter.model.token_mixer`) added to the output.
 
-Both fuse as `out = eta * fc(attn) + (1 - eta) * x` with `fc.weight` zero-initialised.
+Both fuse as `out = eta * fc(attn) + (1 - eta) * x` (+ `mixer(x)`), with `fc.weight` and the
+mixer's output projection zero-initialised, so an untrained adapter changes little.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -26,6 +28,10 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 from suradapter.config import AdapterParams
+from suradapter.model.token_mixer import TokenMixer
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
 
 AdapterMode = Literal["fixed", "reference"]
 MODES: tuple[AdapterMode, ...] = ("fixed", "reference")
@@ -38,11 +44,13 @@ class SURAdapterOutput(BaseOutput):
     adapted: fused embeddings for the UNet, [B, T, D].
     encoder_features: transformer-encoder output (the LLM-distillation target side), [B, T, D].
     fc_output: the fc projection before fusion, [B, T, D].
+    mixer_output: the token mixer's update (already in `adapted`), [B, T, D]; None without one.
     """
 
     adapted: torch.Tensor
     encoder_features: torch.Tensor
     fc_output: torch.Tensor
+    mixer_output: torch.Tensor | None = None
 
 
 class TokenAttention(nn.Module):
@@ -91,7 +99,10 @@ class SURAdapter(ModelMixin, ConfigMixin):
         dropout: float = 0.1,
         teacher_dim: int | None = None,
         init_seed: int = 0,
+        token_mixer: dict | None = None,
     ) -> None:
+        """`token_mixer`: keyword arguments of `TokenMixer` (tokens, hidden, token_hidden,
+        depth) for the fixed-mode mixer branch, or None."""
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"adapter mode '{mode}' is unknown; use one of {MODES}")
@@ -102,9 +113,13 @@ class SURAdapter(ModelMixin, ConfigMixin):
                 "reference mode keeps the reference state_dict; its teacher projection is "
                 "frozen and lives outside the adapter (set teacher_dim: null)"
             )
+        if mode == "reference" and token_mixer is not None:
+            raise ValueError("the token mixer is a fixed-mode branch (set token_mixer: null)")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
             self._build(width, depth, mode, num_heads, ff_dim, dropout, teacher_dim)
+            if token_mixer is not None:
+                self.mixer = TokenMixer(width, **token_mixer)  # not `token_mixer`: a config key
 
     def _build(
         self,
@@ -137,10 +152,14 @@ class SURAdapter(ModelMixin, ConfigMixin):
             self.teacher_projection = nn.Linear(teacher_dim, width)
 
     @classmethod
-    def from_params(cls, params: AdapterParams, text_width: int | None = None) -> SURAdapter:
-        """Build a fresh adapter from params; `text_width` is the base text encoder's width.
+    def from_params(
+        cls, params: AdapterParams, text_width: int | None = None, text_tokens: int | None = None
+    ) -> SURAdapter:
+        """Build a fresh adapter from params; `text_width` and `text_tokens` are the base text
+        encoder's hidden size and the tokenizer's max length.
 
-        Raises ValueError when neither gives a width, or when they disagree.
+        Raises ValueError when neither gives a width (or a mixer's token count), or when they
+        disagree.
         """
         width = params.width or text_width
         if width is None:
@@ -159,7 +178,14 @@ class SURAdapter(ModelMixin, ConfigMixin):
             dropout=params.dropout,
             teacher_dim=params.teacher_dim if params.mode == "fixed" else None,
             init_seed=params.init_seed,
+            token_mixer=_mixer_config(params, text_tokens),
         )
+
+    @classmethod
+    def for_pipeline(cls, params: AdapterParams, pipeline: StableDiffusionPipeline) -> SURAdapter:
+        """Build a fresh adapter sized for `pipeline`'s text encoder and tokenizer."""
+        width = pipeline.text_encoder.config.hidden_size
+        return cls.from_params(params, width, pipeline.tokenizer.model_max_length)
 
     @property
     def adapter_weight(self) -> float:
@@ -189,7 +215,20 @@ class SURAdapter(ModelMixin, ConfigMixin):
         fc_output = self.fc(attended)
         eta = self.adapter_weight
         adapted = eta * fc_output + (1.0 - eta) * hidden_states
-        return SURAdapterOutput(adapted=adapted, encoder_features=encoded, fc_output=fc_output)
+        mixer_output = None
+        if self.has_token_mixer:
+            mixer_output = self.mixer(hidden_states)
+            adapted = adapted + mixer_output
+        return SURAdapterOutput(
+            adapted=adapted,
+            encoder_features=encoded,
+            fc_output=fc_output,
+            mixer_output=mixer_output,
+        )
+
+    @property
+    def has_token_mixer(self) -> bool:
+        return "mixer" in self._modules
 
     def project_teacher(self, teacher_features: torch.Tensor) -> torch.Tensor:
         """Map pooled teacher features [B, teacher_dim] to [B, 1, width].
@@ -238,6 +277,29 @@ class SURAdapter(ModelMixin, ConfigMixin):
         return adapter.eval()
 
 
+def _mixer_config(params: AdapterParams, text_tokens: int | None) -> dict | None:
+    """The `token_mixer` argument of `SURAdapter` from params (None without a mixer)."""
+    mixer = params.token_mixer
+    if mixer is None:
+        return None
+    tokens = mixer.tokens or text_tokens
+    if tokens is None:
+        raise ValueError(
+            "token mixer length unknown: set adapter.token_mixer.tokens or load the base model"
+        )
+    if text_tokens is not None and tokens != text_tokens:
+        raise ValueError(
+            f"adapter.token_mixer.tokens {tokens} does not match the tokenizer's max length "
+            f"{text_tokens}"
+        )
+    return {
+        "tokens": tokens,
+        "hidden": mixer.hidden,
+        "token_hidden": mixer.token_hidden,
+        "depth": mixer.depth,
+    }
+
+
 def count_parameters(params: Iterable[nn.Parameter]) -> int:
     """Return the number of elements in `params`."""
     return sum(p.numel() for p in params)
@@ -254,6 +316,11 @@ def describe_adapter(adapter: SURAdapter) -> dict[str, object]:
         "width": config.width,
         "depth": config.depth,
         "heads / ff_dim": f"{config.num_heads} / {config.ff_dim}",
+        "token mixer": (
+            ", ".join(f"{k} {v}" for k, v in config.token_mixer.items())
+            if config.token_mixer
+            else "none"
+        ),
         "inference parameters": f"{count_parameters(adapter.inference_parameters()):,}",
         "teacher projection (training only)": (
             f"{count_parameters(projection.parameters()):,}" if projection is not None else "none"

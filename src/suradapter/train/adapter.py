@@ -147,6 +147,28 @@ def step_loss(
     return combine_losses(params.loss, denoise, llm, align, preserve)
 
 
+def fit_mixer_statistics(
+    adapter: SURAdapter, text_encoder: nn.Module, data: AdapterTrainingData, params: Params
+) -> int:
+    """Fit the token mixer's input standardisation on frozen states of training rows.
+
+    Uses the narrative and keyword prompts of `params.adapter.token_mixer.fit_rows` rows,
+    drawn with the train seed (all rows when there are fewer). Returns the states seen.
+    """
+    mixer_params = params.adapter.token_mixer
+    generator = torch.Generator().manual_seed(params.train.seed)
+    rows = torch.randperm(len(data), generator=generator)[: mixer_params.fit_rows]
+    device = next(text_encoder.parameters()).device
+
+    def states():
+        for ids in (data.narrative_ids, data.keyword_ids):
+            for chunk in rows.split(params.train.batch_size):
+                with torch.no_grad():
+                    yield text_encoder(ids[chunk].to(device))[0].float()
+
+    return adapter.mixer.fit_statistics(states())
+
+
 def make_optimizer(params: Params, adapter: nn.Module) -> torch.optim.Optimizer:
     """AdamW over the adapter, fused (one kernel for all of its many small tensors)."""
     return torch.optim.AdamW(
@@ -186,7 +208,10 @@ def train_adapter(params: Params, on_log=None) -> TrainResult:
     )
     teacher_dim = data.teacher.shape[1]
     adapter_params = params.adapter.model_copy(update={"teacher_dim": teacher_dim})
-    adapter = SURAdapter.from_params(adapter_params, width)
+    adapter = SURAdapter.for_pipeline(adapter_params, pipeline)
+    if adapter.has_token_mixer:  # a resumed run reloads the same statistics from its checkpoint
+        seen = fit_mixer_statistics(adapter, frozen.text_encoder, data, params)
+        accelerator.print(f"train: token mixer standardisation fitted on {seen} prompt states")
     projection = None
     if adapter.is_reference:
         seed = train.seed + 1
