@@ -11,8 +11,9 @@ This is a proxy for the oracle on generated images, far cheaper to run.
 Candidates, in one run:
 - `ridge`: a closed-form linear map from all flattened, standardised narrative states to the
   keyword states (the linear ceiling; no keyword preservation);
-- `adapter`: the SUR-adapter built from `params.yaml`, trained with its alignment and
-  preservation distances and the `train` learning rate, batch and steps;
+- `adapter`: the adapter built from `params.yaml` (with its token mixer when one is set),
+  trained with its alignment and preservation distances and the `train` learning rate, batch
+  and steps;
 - `token_mlp` (with `--token-mlp`): a wider token model (per-token MLP to `--hidden`,
   learned positions, pre-norm transformer), the design the README says closes most of
   the gap, at a cost.
@@ -210,7 +211,10 @@ def main() -> None:
         "ridge": fit_ridge(narrative, keyword[0], scale, args.ridge_lambda),
     }
     width = narrative[0].shape[-1]
-    adapter = SURAdapter.from_params(params.adapter.model_copy(update={"teacher_dim": None}), width)
+    adapter_params = params.adapter.model_copy(update={"teacher_dim": None})
+    adapter = SURAdapter.from_params(adapter_params, width, narrative[0].shape[1])
+    if adapter.has_token_mixer:  # standardised on training states, as `sur train` does
+        adapter.mixer.fit_statistics([narrative[0], keyword[0]])
     trainable: dict[str, tuple[nn.Module, Model]] = {
         "adapter": (adapter, lambda s, m: adapter(s, m).adapted)
     }
