@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_adapter import trained_looking
 
 from suradapter.config import AdapterParams, TokenMixerParams
 from suradapter.model.adapter import SURAdapter
@@ -15,14 +16,6 @@ MIXER = {"tokens": TOKENS, "hidden": 24, "token_hidden": 8, "depth": 2}
 
 def adapter_with_mixer(**kwargs) -> SURAdapter:
     return SURAdapter(width=WIDTH, num_heads=4, ff_dim=32, token_mixer=MIXER, **kwargs)
-
-
-def randomise(module: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in module.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
-    return module
 
 
 def test_an_untrained_mixer_changes_nothing():
@@ -50,7 +43,7 @@ def test_fitted_statistics_standardise_every_token_and_channel():
 
 
 def test_the_mixer_moves_information_between_tokens_of_one_prompt_only():
-    adapter = randomise(adapter_with_mixer()).eval()
+    adapter = trained_looking(adapter_with_mixer()).eval()
     x = torch.randn(4, TOKENS, WIDTH)
     y = x.clone()
     y[0, 3] += 1.0  # one token of the first prompt changes
@@ -61,7 +54,7 @@ def test_the_mixer_moves_information_between_tokens_of_one_prompt_only():
 
 
 def test_every_mixer_parameter_receives_gradient():
-    adapter = randomise(adapter_with_mixer())
+    adapter = trained_looking(adapter_with_mixer())
     adapter(torch.randn(2, TOKENS, WIDTH)).adapted.pow(2).sum().backward()
     missing = [n for n, p in adapter.mixer.named_parameters() if p.grad is None or not p.grad.any()]
     assert missing == []
@@ -94,7 +87,7 @@ def test_the_mixer_learns_a_move_a_per_token_map_cannot():
 def test_save_and_load_keep_the_mixer_and_its_statistics(tmp_path):
     adapter = adapter_with_mixer()
     adapter.mixer.fit_statistics([torch.randn(10, TOKENS, WIDTH) * 2 + 1])
-    randomise(adapter.mixer)
+    trained_looking(adapter.mixer)
     adapter.save_pretrained(tmp_path)
     loaded = SURAdapter.from_pretrained(tmp_path).eval()
     assert loaded.config.token_mixer == MIXER
