@@ -37,8 +37,17 @@ def pipeline():
     return load_base_pipeline("tiny")
 
 
-def trained_like_adapter(width: int, mode: str, folder: Path) -> SURAdapter:
-    """A saved adapter whose zero-initialised fusion has moved (so it changes the output)."""
+def trained_like_adapter(pipeline, mode: str, folder: Path) -> SURAdapter:
+    """A saved adapter whose zero-initialised parts have moved (so it changes the output).
+
+    In fixed mode it has a token mixer standardised on the pipeline's own CLIP states, where
+    the first token's states are constant: the case that must not amplify float noise.
+    """
+    width = pipeline.text_encoder.config.hidden_size
+    mixer = None
+    if mode == "fixed":
+        tokens = pipeline.tokenizer.model_max_length
+        mixer = {"tokens": tokens, "hidden": 16, "token_hidden": 8, "depth": 1}
     adapter = SURAdapter(
         width=width,
         depth=2,
@@ -46,17 +55,26 @@ def trained_like_adapter(width: int, mode: str, folder: Path) -> SURAdapter:
         ff_dim=64,
         mode=mode,
         teacher_dim=16 if mode == "fixed" else None,
+        token_mixer=mixer,
     ).eval()
+    generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        adapter.fc.weight.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(1))
+        adapter.fc.weight.normal_(0.0, 0.2, generator=generator)
+        if mixer is not None:
+            path = AdaptedTextPath.from_pipeline(pipeline, adapter)
+            fitting = [f"{n} {c} shapes on a table" for n in "123" for c in ("red", "blue", "a")]
+            ids = path.tokenize(PROMPTS + fitting).input_ids
+            adapter.mixer.fit_statistics([path.encode_text(ids)])
+            assert not adapter.mixer.input_scale[0].any()  # the constant first token
+            adapter.mixer.output.weight.normal_(0.0, 0.2, generator=generator)
     adapter.save_pretrained(folder)
     return adapter
 
 
 def exported(pipeline, settings, root: Path, mode: str):
     adapter_dir = root / f"adapter-{mode}"
-    width = pipeline.text_encoder.config.hidden_size
-    path = AdaptedTextPath.from_pipeline(pipeline, trained_like_adapter(width, mode, adapter_dir))
+    adapter = trained_like_adapter(pipeline, mode, adapter_dir)
+    path = AdaptedTextPath.from_pipeline(pipeline, adapter)
     result = export_text_path(path, settings, root / f"export-{mode}", adapter_dir, "tiny")
     return path, adapter_dir, result
 

@@ -31,15 +31,30 @@ def test_an_untrained_mixer_changes_nothing():
 
 def test_fitted_statistics_standardise_every_token_and_channel():
     mixer = TokenMixer(WIDTH, TOKENS, 8, 4, 1)
-    states = torch.randn(200, TOKENS, WIDTH) * torch.rand(TOKENS, WIDTH) * 5 + 3
-    states[:, 0, 0] = 7.0  # a constant feature must not divide by zero
+    states = torch.randn(200, TOKENS, WIDTH) * (torch.rand(TOKENS, WIDTH) * 5 + 0.1) + 3
+    states[:, 0] = torch.randn(WIDTH)  # a constant token (CLIP's first) ...
+    states[:, 1, 0] = 7.0  # ... and a constant feature
     assert mixer.fit_statistics(states.split(64)) == 200
-    standardised = (states - mixer.input_mean) / mixer.input_std
-    torch.testing.assert_close(standardised[:, 1:].mean(0), torch.zeros(TOKENS - 1, WIDTH))
-    torch.testing.assert_close(standardised[:, 1:].std(0), torch.ones(TOKENS - 1, WIDTH))
-    assert torch.isfinite(standardised).all() and mixer.input_std[0, 0] > 0
+    standardised = (states - mixer.input_mean) * mixer.input_scale
+    varying = standardised[:, 2:]
+    torch.testing.assert_close(varying.mean(0), torch.zeros(TOKENS - 2, WIDTH))
+    torch.testing.assert_close(varying.std(0), torch.ones(TOKENS - 2, WIDTH))
+    assert not mixer.input_scale[0].any() and mixer.input_scale[1, 0] == 0
+    assert mixer.input_scale[1, 1:].all()
     with pytest.raises(ValueError, match="at least 2 rows"):
         mixer.fit_statistics([states[:1]])
+
+
+def test_float_noise_on_a_constant_feature_is_not_amplified():
+    mixer = trained_looking(TokenMixer(WIDTH, TOKENS, 8, 4, 1))
+    states = torch.randn(64, TOKENS, WIDTH, dtype=torch.float64).float()
+    states[:, 0] = 0.5  # constant: every prompt's first token
+    mixer.fit_statistics([states])
+    noisy = states.clone()
+    noisy[:, 0] += 1e-6  # what another runtime's rounding looks like
+    with torch.no_grad():
+        change = (mixer(noisy) - mixer(states)).abs().max()
+    assert change < 1e-5
 
 
 def test_the_mixer_moves_information_between_tokens_of_one_prompt_only():

@@ -139,9 +139,9 @@ def test_the_token_mixer_is_standardised_on_training_states_before_step_0(tiny_p
     fresh = SURAdapter.for_pipeline(params.adapter, pipeline)
     rows = min(len(data), params.adapter.token_mixer.fit_rows)
     assert fit_mixer_statistics(fresh, pipeline.text_encoder, data, params) == 2 * rows
-    assert not torch.equal(fresh.mixer.input_std, torch.ones_like(fresh.mixer.input_std))
+    assert not torch.equal(fresh.mixer.input_scale, torch.ones_like(fresh.mixer.input_scale))
     torch.testing.assert_close(trained.mixer.input_mean, fresh.mixer.input_mean)
-    torch.testing.assert_close(trained.mixer.input_std, fresh.mixer.input_std)
+    torch.testing.assert_close(trained.mixer.input_scale, fresh.mixer.input_scale)
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:

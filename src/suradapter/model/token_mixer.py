@@ -2,7 +2,8 @@
 
 The SUR-adapter's attention mixes raw CLIP states, whose narrative words can be faint when the
 base encoder never saw them (the shapes world). This branch standardises every (token, channel)
-feature with statistics fitted on training states, then runs MLP-Mixer blocks: an MLP across
+feature with statistics fitted on training states (constant features are zeroed), then runs
+MLP-Mixer blocks: an MLP across
 token positions (shared over channels), then one across channels. Its output projection starts
 at zero, so an untrained branch adds nothing. Prompts must be padded to `tokens`, as the
 Stable Diffusion pipeline always does.
@@ -15,7 +16,10 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-MIN_STD = 1e-4  # floor of a fitted standard deviation (constant features)
+# A feature whose fitted std is below this fraction of the features' RMS std is constant
+# (e.g. every state of the first token: CLIP's text encoder is causal). It is ignored rather
+# than divided by its std, which would amplify float noise (ONNX vs PyTorch) ~10^4 times.
+CONSTANT_FRACTION = 1e-3
 
 
 class MixerBlock(nn.Module):
@@ -45,7 +49,7 @@ class TokenMixer(nn.Module):
         super().__init__()
         self.tokens = tokens
         self.register_buffer("input_mean", torch.zeros(tokens, width))
-        self.register_buffer("input_std", torch.ones(tokens, width))
+        self.register_buffer("input_scale", torch.ones(tokens, width))  # 1 / std; 0: constant
         self.lift = nn.Linear(width, hidden)
         self.blocks = nn.ModuleList(MixerBlock(tokens, hidden, token_hidden) for _ in range(depth))
         self.output_norm = nn.LayerNorm(hidden)
@@ -55,9 +59,9 @@ class TokenMixer(nn.Module):
 
     @torch.no_grad()
     def fit_statistics(self, states: Iterable[torch.Tensor]) -> int:
-        """Set the per-(token, channel) mean and std from batches of states [B, tokens, width].
+        """Set the per-(token, channel) mean and 1/std from batches of states [B, tokens, width].
 
-        Returns the number of rows seen. Raises ValueError when there are none.
+        Returns the number of rows seen. Raises ValueError for fewer than 2 rows.
         """
         count, total, squares = 0, 0.0, 0.0
         for batch in states:
@@ -69,8 +73,10 @@ class TokenMixer(nn.Module):
             raise ValueError(f"token mixer statistics need at least 2 rows, got {count}")
         mean = total / count
         variance = (squares - count * mean.pow(2)) / (count - 1)
+        std = variance.clamp_min(0).sqrt()
+        varying = std > CONSTANT_FRACTION * std.pow(2).mean().sqrt()
         self.input_mean.copy_(mean)
-        self.input_std.copy_(variance.clamp_min(0).sqrt().clamp_min(MIN_STD))
+        self.input_scale.copy_(torch.where(varying, 1.0 / std.clamp_min(1e-30), 0.0))
         return count
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -79,7 +85,7 @@ class TokenMixer(nn.Module):
                 f"the token mixer expects prompts padded to {self.tokens} tokens, "
                 f"got {hidden_states.shape[1]}"
             )
-        standardised = (hidden_states - self.input_mean) / self.input_std
+        standardised = (hidden_states - self.input_mean) * self.input_scale
         features = self.lift(standardised.to(self.lift.weight.dtype))
         for block in self.blocks:
             features = block(features)
