@@ -83,11 +83,15 @@ def project_copy(tmp_path, repo_root):
 
     The copied code files only feed DVC's dependency hashes: `sur` runs the installed package.
     """
+    return make_project_copy(tmp_path / "repo", repo_root)
+
+
+def make_project_copy(repo: Path, repo_root: Path) -> tuple[Path, dict[str, str]]:
+    """Build the `project_copy` project at `repo`; return (repo, the environment to run it)."""
     import shutil
     import subprocess
     import sys
 
-    repo = tmp_path / "repo"
     for item in PROJECT_FILES:
         source, target = repo_root / item, repo / item
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import servers
-from conftest import set_param
+from conftest import make_project_copy, set_param
 
 BIN = Path(sys.executable).parent
 
@@ -22,31 +22,24 @@ def run(*args: str, cwd: Path, env: dict[str, str]) -> str:
     return result.stdout + result.stderr
 
 
-@pytest.fixture
-def dvc_repo(project_copy):
-    return project_copy
+@pytest.fixture(scope="module")
+def dvc_repo(tmp_path_factory, repo_root):
+    """One project for the module, reproduced once: (repo, env, what the first repro ran)."""
+    repo, env = make_project_copy(tmp_path_factory.mktemp("dvc") / "repo", repo_root)
+    return repo, env, stages_run(run("dvc", "repro", cwd=repo, env=env))
 
 
 STAGES = ("generate_shapes", "prepare", "embed", "bootstrap_base", "train", "export", "evaluate")
 
 
 def stages_run(output: str) -> set[str]:
-    stages = (
-        "generate_shapes",
-        "prepare",
-        "embed",
-        "bootstrap_base",
-        "train",
-        "export",
-        "evaluate",
-    )
-    return {name for name in stages if f"Running stage '{name}'" in output}
+    return {name for name in STAGES if f"Running stage '{name}'" in output}
 
 
 def test_repro_noop_and_param_scoped_reruns(dvc_repo):
-    repo, env = dvc_repo
+    repo, env, first = dvc_repo
     every = {"generate_shapes", "prepare", "embed", "train", "export", "evaluate"}  # not bootstrap
-    assert stages_run(run("dvc", "repro", cwd=repo, env=env)) == every
+    assert first == every
     assert (repo / "data/prepared/manifest.parquet").is_file()
     assert list((repo / "data/teacher_cache").glob("*/shards/*.safetensors"))
     assert (repo / "outputs/adapter/diffusion_pytorch_model.safetensors").is_file()
@@ -82,12 +75,12 @@ def _digests(folder: Path) -> dict[str, str]:
 
 
 def test_push_pull_round_trip_through_s3(dvc_repo, s3_server):
-    repo, env = dvc_repo
+    repo, env, _ = dvc_repo
     endpoint, client = s3_server
     env = {**env, "AWS_ACCESS_KEY_ID": "testkey", "AWS_SECRET_ACCESS_KEY": "testsecret"}
     run("dvc", "remote", "add", "-d", "store", "s3://dvc-store/cache", cwd=repo, env=env)
     run("dvc", "remote", "modify", "store", "endpointurl", endpoint, cwd=repo, env=env)
-    run("dvc", "repro", cwd=repo, env=env)
+    run("dvc", "repro", cwd=repo, env=env)  # whatever the module's other test changed last
     prepared = _digests(repo / "data/prepared")
     features = _digests(repo / "data/teacher_cache")
     run("dvc", "push", cwd=repo, env=env)
