@@ -54,7 +54,7 @@ def main() -> None:
     extract_features(teacher, texts[:8])  # warm-up
 
     with tempfile.TemporaryDirectory() as folder:
-        cache = TeacherCache(Path(folder), teacher.fingerprint, teacher.fingerprint_id)
+        cache = TeacherCache(Path(folder), teacher.fingerprint)
         start = time.perf_counter()
         compute_missing(teacher, cache, {text_key(t): t for t in texts}, params.embed, ShardSpec())
         ours_s = time.perf_counter() - start

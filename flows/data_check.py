@@ -21,6 +21,7 @@ from flows.project import project_params
 from flows.retrain import RetrainResult, retrain
 from flows.settings import CHECK_FLOW, RETRY_BACKOFF_S
 from suradapter.config import Params
+from suradapter.data.prepare import resolve_source
 from suradapter.registry.store import PRODUCTION, aliases_of, connect
 from suradapter.stack import apply_client_env
 
@@ -42,10 +43,13 @@ class DataCheck:
 
 
 def source_hash(project: Path, params: Params) -> str:
-    """DVC's hash of `prepare.source` in the workspace, as dvc.lock records it ('' if missing)."""
+    """DVC's hash of `prepare.source` in the workspace, as dvc.lock records it ('' if missing).
+
+    Raises PrepareError when the profile names no source.
+    """
     from dvc.repo import Repo
 
-    source = Path(params.prepare.source)
+    source = resolve_source(params.prepare)
     if not (project / source).exists():
         return ""
     with Repo(str(project)) as repo:

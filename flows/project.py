@@ -31,11 +31,6 @@ def project_params(project: Path) -> Params:
     return load_params(path, profile=declared)
 
 
-def uses_shapes_world(params: Params) -> bool:
-    """True when the SURD source is the rendered shapes world (so `generate_shapes` runs)."""
-    return Path(params.prepare.source) == Path(params.shapes.output_dir)
-
-
 def planned_stages(project: Path, params: Params) -> list[tuple[str, bool]]:
     """`(stage, applies)` for each of STAGES in order; raises ProjectError if dvc.yaml lacks one."""
     dvc_yaml = project / "dvc.yaml"
@@ -48,7 +43,7 @@ def planned_stages(project: Path, params: Params) -> list[tuple[str, bool]]:
             f"{dvc_yaml} has no stage(s) {', '.join(missing)}: the retrain flow runs "
             f"{', '.join(STAGES)} (is project_dir the repository root?)"
         )
-    return [(stage, stage != SHAPES_STAGE or uses_shapes_world(params)) for stage in STAGES]
+    return [(stage, stage != SHAPES_STAGE or params.uses_shapes_world) for stage in STAGES]
 
 
 @contextmanager

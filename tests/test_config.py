@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import typing
 
 import pytest
 import yaml
@@ -81,11 +82,19 @@ def test_missing_and_malformed_files(tmp_path):
         load_params(tmp_path / "params.yaml")
 
 
+def _section(annotation) -> type[BaseModel] | None:
+    """The params model of a field (also inside `X | None`), or None for a plain value."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
 def _models(model: type[BaseModel]):
     yield model
     for field in model.model_fields.values():
-        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-            yield from _models(field.annotation)
+        if section := _section(field.annotation):
+            yield from _models(section)
 
 
 def test_every_field_has_a_description():
@@ -117,3 +126,46 @@ def test_the_profile_key_of_the_params_file_applies_its_overlay(params_copy, mon
     params = load_params(params_copy)
     assert params.profile == "tiny"
     assert params.base_model.id == "tiny"  # from configs/tiny.yaml, not params.yaml
+
+
+REAL_PROFILE_SECTIONS = (
+    "base_model", "adapter", "loss", "prepare", "embed", "train", "sampling", "export", "evaluate"
+)  # fmt: skip
+
+
+def _unset_keys(model: type[BaseModel], data, prefix: str) -> list[str]:
+    if not isinstance(data, dict):
+        return []  # a section set to null (no token mixer) is stated
+    missing = []
+    for name, field in model.model_fields.items():
+        if name not in data:
+            missing.append(f"{prefix}{name}")
+        elif section := _section(field.annotation):
+            missing += _unset_keys(section, data[name], f"{prefix}{name}.")
+    return missing
+
+
+def test_the_sd15_profile_states_every_stage_key(repo_root):
+    """A real profile is complete: no stage parameter is inherited from the shapes world."""
+    overlay = yaml.safe_load((repo_root / "configs" / "sd15.yaml").read_text())
+    missing = []
+    for section in REAL_PROFILE_SECTIONS:
+        model = Params.model_fields[section].annotation
+        missing += _unset_keys(model, overlay.get(section), f"{section}.")
+    assert missing == []
+
+
+def test_the_sd15_profile_trains_sd15_not_the_shapes_world(params_path):
+    sd15, shapes = load_params(params_path, profile="sd15"), load_params(params_path)
+    assert sd15.prepare.resolution == 512 and sd15.prepare.source is None
+    assert not sd15.uses_shapes_world and shapes.uses_shapes_world
+    assert (sd15.sampling.steps, sd15.sampling.guidance) == (50, 7.5)
+    assert sd15.train.mixed_precision is None  # the launcher decides
+    assert sd15.adapter.width == 768 and sd15.adapter.token_mixer is None
+
+
+def test_gates_that_an_identity_adapter_would_pass_are_refused(params_copy):
+    gates = {"min_alignment_gain": 0.0, "min_retrieval_gain": 0.0}
+    _edit(params_copy, lambda d: d["evaluate"]["gates"].update(gates))
+    with pytest.raises(ParamsError, match=r"identity \(untrained\) adapter would pass"):
+        load_params(params_copy)

@@ -48,12 +48,17 @@ def test_alignment_scores_rank_the_own_keyword_first():
 
 
 def _metrics(closure, base_kw, adapter_kw, denoise_increase, retrieval, margin=None) -> dict:
+    """Evaluation metrics as `evaluate_adapter` writes them; the base retrieves 0.2 at a
+    cosine of 0.6, and the adapter's cosine rises with its retrieval."""
     metrics = {
         "gap_closure_measured": True,
         "gap_closure": closure,
         "keyword_accuracy": {"base": base_kw, "adapter": adapter_kw},
         "denoise": {"keyword": {"relative_increase": denoise_increase}},
-        "alignment": {"retrieval_top1": {"adapter": retrieval}},
+        "alignment": {
+            "cosine": {"base": 0.6, "adapter": 0.6 + (retrieval - 0.2) / 2},
+            "retrieval_top1": {"base": 0.2, "adapter": retrieval},
+        },
     }
     if margin is not None:
         metrics["production_margin"] = margin
@@ -64,9 +69,12 @@ def test_gates_follow_the_thresholds_in_params():
     gates = GateParams(min_gap_closure=0.6, max_keyword_drop=0.02, max_denoise_increase=0.05)
     good = decide_gates(_metrics(0.7, 0.9, 0.89, 0.01, 0.5), gates)
     assert [g.name for g in good] == [
-        "gap_closure", "keyword_accuracy_drop", "denoise_loss_increase", "retrieval_top1"
+        "gap_closure", "keyword_accuracy_drop", "denoise_loss_increase", "alignment_gain",
+        "retrieval_gain",
     ]  # fmt: skip
     assert all(g.passed for g in good)
+    gains = {g.name: g.value for g in good if g.name.endswith("_gain")}
+    assert gains == pytest.approx({"alignment_gain": 0.15, "retrieval_gain": 0.3})
     bad = {g.name: g for g in decide_gates(_metrics(0.5, 0.9, 0.85, 0.01, 0.5, -0.1), gates)}
     assert not bad["gap_closure"].passed and bad["gap_closure"].value == 0.5
     assert not bad["keyword_accuracy_drop"].passed
@@ -75,6 +83,18 @@ def test_gates_follow_the_thresholds_in_params():
     assert "FAILED" in bad["gap_closure"].describe()
     unmeasured = {g.name: g for g in decide_gates(_metrics(None, 0.9, 0.9, 0.0, 0.5), gates)}
     assert not unmeasured["gap_closure"].passed  # no qualifying attribute never passes
+
+
+@pytest.mark.parametrize("profile", ["shapes", "tiny", "sd15"])
+def test_an_identity_adapter_fails_the_gates_of_every_profile(params_path, profile):
+    """eta = 0 (or an untrained adapter): the same embeddings as the base, so no gain at all;
+    outside the shapes world no oracle figure exists either."""
+    gates = load_params(params_path, profile=profile).evaluate.gates
+    for oracle in (True, False):
+        identity = _metrics(0.0, 0.9, 0.9, 0.0, 0.2) | {"gap_closure_measured": oracle}
+        verdict = {g.name: g.passed for g in decide_gates(identity, gates)}
+        assert not all(verdict.values()), verdict
+        assert verdict["denoise_loss_increase"] and not verdict["retrieval_gain"]
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +177,11 @@ def test_passing_report_plots_and_mlflow_run(eval_project, tiny_clip):
     raw["shapes"]["output_dir"] = str(eval_project.parent / "not-the-source")
     raw["evaluate"].update(clip_model=str(tiny_clip), clip_prompts=2)
     raw["evaluate"]["gates"].update(
-        min_gap_closure=-100.0, max_keyword_drop=1.0, max_denoise_increase=100.0
+        min_gap_closure=-100.0,
+        max_keyword_drop=1.0,
+        max_denoise_increase=100.0,
+        min_alignment_gain=0.01,  # a 6-step adapter moves the cosine a little
+        min_retrieval_gain=0.0,
     )
     eval_project.write_text(yaml.safe_dump(raw, sort_keys=False))
     done = _evaluate(eval_project)
@@ -165,7 +189,8 @@ def test_passing_report_plots_and_mlflow_run(eval_project, tiny_clip):
     folder = eval_project.parent / "eval"
     report = json.loads((folder / "report.json").read_text())
     assert report["passed"] is True and all(g["passed"] for g in report["gates"])
-    assert {g["name"] for g in report["gates"]} == {"denoise_loss_increase", "retrieval_top1"}
+    gates = {g["name"] for g in report["gates"]}
+    assert gates == {"denoise_loss_increase", "alignment_gain", "retrieval_gain"}
     assert report["metrics"]["semantic"] is None
     assert set(report["metrics"]["clip_score"]) == {"base", "adapter"}
     assert "PASSED" in (folder / "report.md").read_text()

@@ -54,7 +54,7 @@ def make_project(repo: Path, repo_root: Path) -> None:
         repo,
         shapes={"num_samples": 120},
         prepare={"source": SURD_SOURCE},
-        train={"max_steps": 4, "checkpoint_every": 2, "grid_prompts": 1},
+        train={"max_steps": 4, "warmup_steps": 1, "checkpoint_every": 2, "grid_prompts": 1},
         sampling={"steps": 2},
         evaluate={
             "images_per_combination": 4,
@@ -62,7 +62,11 @@ def make_project(repo: Path, repo_root: Path) -> None:
             "alignment_rows": 16,
             "grid_prompts": 1,
             # a 4-step adapter fails real gates; these let it pass, to exercise promotion
-            "gates": {"max_denoise_increase": 100.0, "min_retrieval_top1": 0.0},
+            "gates": {
+                "max_denoise_increase": 100.0,
+                "min_alignment_gain": 0.001,
+                "min_retrieval_gain": 0.0,
+            },
         },
         registry={"promotion": "auto"},
     )
@@ -284,7 +288,7 @@ def test_deployments_run_on_a_process_worker(project, prefect_api):
 
 def test_sur_run_with_failing_gates_exits_zero_and_says_why(project, prefect_api, mlflow_url):
     repo, _ = project
-    strict = {"max_denoise_increase": 0.0, "min_retrieval_top1": 1.0}  # a 4-step adapter fails
+    strict = {"max_denoise_increase": 0.0, "min_retrieval_gain": 1.0}  # a 4-step adapter fails
     edit_params(repo, registry={"promotion": "auto"}, evaluate={"gates": strict})
     env = {**os.environ, "PREFECT_API_URL": prefect_api}
     done = subprocess.run(

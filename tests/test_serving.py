@@ -304,7 +304,7 @@ def test_generate_returns_a_seeded_png_and_compares_with_the_base(stack):
     assert first.headers["x-model-version"] == stack.versions["a"]
     assert "text_path;dur=" in first.headers["server-timing"]
     image = Image.open(io.BytesIO(first.content))
-    assert image.size == (16, 16)  # the tiny model's native size
+    assert image.size == (32, 32)  # the tiny model's native size (its 32 px training images)
     again = stack.client.post("/v1/generate", json=request)
     assert again.content == first.content
     compare = stack.client.post("/v1/generate", json={**request, "compare_base": True})
@@ -312,7 +312,7 @@ def test_generate_returns_a_seeded_png_and_compares_with_the_base(stack):
     body = compare.json()
     assert base64.b64decode(body["adapted_png_base64"]) == first.content
     base = Image.open(io.BytesIO(base64.b64decode(body["base_png_base64"])))
-    assert base.size == (16, 16) and base.tobytes() != image.tobytes()
+    assert base.size == (32, 32) and base.tobytes() != image.tobytes()
     sized = stack.client.post("/v1/generate", json={**request, "width": 32, "height": 24})
     assert Image.open(io.BytesIO(sized.content)).size == (32, 24)
 
@@ -425,7 +425,7 @@ def test_the_web_page_shows_base_and_adapted_images_side_by_side(stack, tmp_path
             page.screenshot(path=str(tmp_path / "base-vs-adapted.png"), full_page=True)
         finally:
             browser.close()
-    assert sizes == [16, 16]  # the tiny model's native size, shown scaled up
+    assert sizes == [32, 32]  # the tiny model's native size, shown scaled up
     assert f"Version {stack.versions['a']}" in status
     assert (tmp_path / "base-vs-adapted.png").stat().st_size > 1000
     assert not errors, errors

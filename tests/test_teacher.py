@@ -21,7 +21,7 @@ from safetensors import safe_open
 from transformers import LlamaConfig, LlamaModel
 
 from suradapter.config import EmbedParams
-from suradapter.teacher.cache import TeacherCache, text_key
+from suradapter.teacher.cache import TeacherCache, fingerprint_id, text_key
 from suradapter.teacher.embed import ShardSpec, run_embed
 from suradapter.teacher.model import (
     Teacher,
@@ -29,6 +29,7 @@ from suradapter.teacher.model import (
     hooked_layer_output,
     load_teacher,
     pool,
+    teacher_fingerprint,
 )
 
 SUR = str(Path(sys.executable).parent / "sur")
@@ -140,7 +141,7 @@ def test_cache_computes_each_distinct_text_once_and_only_missing_ones(tmp_path):
     assert (first.texts, first.distinct, first.computed) == (50, 40, 40)
     again = run_embed(params, texts=[*texts, "one new prompt"])
     assert (again.cached_before, again.computed) == (40, 1)
-    cache = TeacherCache(Path(params.cache_dir), *_namespace(params))
+    cache = TeacherCache(Path(params.cache_dir), _namespace(params))
     features = cache.get([text_key(t) for t in texts[:3]])
     expected = extract_features(load_teacher(params), texts[:3])
     torch.testing.assert_close(features, expected, rtol=0, atol=1e-5)
@@ -148,18 +149,17 @@ def test_cache_computes_each_distinct_text_once_and_only_missing_ones(tmp_path):
         cache.get([text_key("never embedded")])
 
 
-def _namespace(params: EmbedParams) -> tuple[dict, str]:
-    teacher = load_teacher(params)
-    return teacher.fingerprint, teacher.fingerprint_id
+def _namespace(params: EmbedParams) -> dict:
+    return teacher_fingerprint(params)
 
 
 def test_stale_index_is_rebuilt_from_shards(tmp_path):
     params = EmbedParams(cache_dir=str(tmp_path / "cache"), shard_size=8, batch_size=8)
     run_embed(params, texts=_texts(20))
     namespace = _namespace(params)
-    folder = Path(params.cache_dir) / namespace[1]
+    folder = Path(params.cache_dir) / fingerprint_id(namespace)
     (folder / "index.json").write_text(json.dumps({"shards": [], "entries": {}}))
-    assert len(TeacherCache(Path(params.cache_dir), *namespace)) == 20
+    assert len(TeacherCache(Path(params.cache_dir), namespace)) == 20
 
 
 def _project(tmp_path: Path, repo_root: Path, texts: list[str], **embed) -> Path:
@@ -198,7 +198,7 @@ def test_sigkill_mid_run_then_resume_without_recomputing(tmp_path, repo_root):
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     params = EmbedParams(**yaml.safe_load(params_path.read_text())["embed"])
-    cache = TeacherCache(Path(params.cache_dir), *_namespace(params))
+    cache = TeacherCache(Path(params.cache_dir), _namespace(params))
     assert len(cache) == 3000 and not list((tmp_path / "cache").rglob(".*.tmp-*"))
     rows = 0
     for shard in _shards(tmp_path / "cache"):
@@ -238,8 +238,8 @@ def test_two_sharded_processes_merge_to_the_single_process_cache(tmp_path, repo_
     assert names == {"p0of2", "p1of2"}
     params = EmbedParams(cache_dir=str(tmp_path / "single" / "cache"), shard_size=64)
     namespace = _namespace(params)
-    one = TeacherCache(tmp_path / "single" / "cache", *namespace)
-    two = TeacherCache(tmp_path / "split" / "cache", *namespace)
+    one = TeacherCache(tmp_path / "single" / "cache", namespace)
+    two = TeacherCache(tmp_path / "split" / "cache", namespace)
     keys = [text_key(t) for t in texts]
     assert set(one.index) == set(two.index) == set(keys)
     torch.testing.assert_close(one.get(keys), two.get(keys), rtol=0, atol=1e-6)

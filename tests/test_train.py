@@ -3,6 +3,7 @@ uninterrupted run exactly, two processes train together, and MLflow gets what pe
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -189,7 +190,8 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_processes_train_one_adapter(tiny_project, tmp_path):
+def test_two_processes_train_one_adapter_in_the_launchers_precision(tiny_project, tmp_path):
+    """`accelerate launch --mixed_precision bf16`: params leave it to the launcher (null)."""
     config = yaml.safe_load(tiny_project.read_text())
     config["train"].update(
         output_dir=str(tmp_path / "ddp"),
@@ -211,7 +213,7 @@ def test_two_processes_train_one_adapter(tiny_project, tmp_path):
         "--num_machines",
         "1",
         "--mixed_precision",
-        "no",
+        "bf16",
         "--dynamo_backend",
         "no",
         "--main_process_port",
@@ -228,7 +230,10 @@ def test_two_processes_train_one_adapter(tiny_project, tmp_path):
         command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "train: 2 process(es)" in result.stdout
+    assert load_params(path, profile="tiny").train.mixed_precision is None
+    assert "train: 2 process(es)" in result.stdout and "mixed precision bf16" in result.stdout
+    claim = json.loads((tmp_path / "ddp-ckpt" / "run_fingerprint.json").read_text())
+    assert claim["settings"]["mixed_precision"] == "bf16"
     weights = _weights(tmp_path / "ddp")
     assert all(torch.isfinite(t).all() for t in weights.values())
 
@@ -280,13 +285,14 @@ def test_the_run_fingerprint_follows_math_params_not_bookkeeping(tiny_project):
     from suradapter.train.checkpoints import run_fingerprint
 
     params = load_params(tiny_project, profile="tiny")
-    base = run_fingerprint(run_settings(params, 1))
+    base = run_fingerprint(run_settings(params, 1, "no"))
     logging_only = params.model_copy(
         update={"train": params.train.model_copy(update={"log_every": 7})}
     )
-    assert run_fingerprint(run_settings(logging_only, 1)) == base
+    assert run_fingerprint(run_settings(logging_only, 1, "no")) == base
     other_lr = params.model_copy(
         update={"train": params.train.model_copy(update={"learning_rate": 0.5})}
     )
-    assert run_fingerprint(run_settings(other_lr, 1)) != base
-    assert run_fingerprint(run_settings(params, 2)) != base
+    assert run_fingerprint(run_settings(other_lr, 1, "no")) != base
+    assert run_fingerprint(run_settings(params, 2, "no")) != base
+    assert run_fingerprint(run_settings(params, 1, "bf16")) != base

@@ -73,11 +73,30 @@ def main(
     apply_client_env(state_dir)  # a running `sur stack` is where tracking goes
 
 
+SHAPES_WORLD_SECTIONS = ("shapes", "bootstrap")  # the stages that make the shapes world
+
+
 @params_app.command("show")
-def params_show(ctx: typer.Context) -> None:
+def params_show(
+    ctx: typer.Context,
+    show_all: bool = typer.Option(
+        False, "--all", help="Also the shapes-world sections a real profile does not use."
+    ),
+) -> None:
     """Print the merged, validated params of the active profile as YAML."""
     params = ctx.obj.load()
-    console.print(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False), end="")
+    shown = params.model_dump(mode="json")
+    hidden = [] if show_all or params.uses_shapes_world else list(SHAPES_WORLD_SECTIONS)
+    for section in hidden:
+        del shown[section]
+    console.print(yaml.safe_dump(shown, sort_keys=False), end="", highlight=False, soft_wrap=True)
+    if hidden:
+        console.print(
+            f"# not shown: {', '.join(hidden)} (they configure the shapes-world stages, which "
+            f"profile '{params.profile}' does not run; --all shows them)",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 @adapter_app.command("info")
@@ -159,14 +178,23 @@ def prepare(
     ctx: typer.Context,
     source: Path | None = typer.Option(None, "--source", help="SURD folder (default: params)."),
     out: Path | None = typer.Option(None, "--out", help="Output folder (default: params)."),
+    limit: int | None = typer.Option(
+        None, "--limit", min=1, help="Only the first N rows (a smoke run)."
+    ),
 ) -> None:
     """Validate a SURD folder into a Parquet manifest, normalised images and a quarantine."""
+    from suradapter.checks import ConfigMistake, check_base_resolution, surd_source
     from suradapter.data.prepare import PrepareError, prepare_dataset
     from suradapter.data.surd import SurdError
 
-    params = ctx.obj.load().prepare
+    params = ctx.obj.load()
     try:
-        summary = prepare_dataset(params, source, out)
+        source = surd_source(params, source)
+        check_base_resolution(params)
+    except ConfigMistake as err:
+        fail(str(err))
+    try:
+        summary = prepare_dataset(params.prepare, source, out, limit)
     except (PrepareError, SurdError) as err:
         fail(str(err), code=1)
     _print_prepare_summary(summary.as_dict())
@@ -225,9 +253,15 @@ def train(ctx: typer.Context) -> None:
     from suradapter.train.track import train_with_tracking
 
     params = ctx.obj.load()
-    table = pq.read_table(params.embed.manifest, columns=["text", "split"]).to_pylist()
+    manifest = Path(params.embed.manifest)
+    if not manifest.is_file():
+        fail(f"prepared manifest {manifest} not found: run `sur prepare` first")
+    table = pq.read_table(manifest, columns=["text", "split"]).to_pylist()
     grid_prompts = [row["text"] for row in table if row["split"] == "val"]
-    result = train_with_tracking(params, grid_prompts[: params.train.grid_prompts])
+    try:
+        result = train_with_tracking(params, grid_prompts[: params.train.grid_prompts])
+    except (ValueError, FileNotFoundError) as err:
+        fail(str(err))
     last = result.log[-1] if result.log else {}
     console.print(
         f"adapter saved to {result.output_dir} after {result.steps} steps "
@@ -243,10 +277,7 @@ def export(
     fp16: bool | None = typer.Option(None, "--fp16/--fp32", help="Precision (params)."),
 ) -> None:
     """Export the adapted text path to ONNX and check its parity with PyTorch."""
-    from suradapter.export.onnx_export import ExportParityError, export_text_path
-    from suradapter.model.adapter import SURAdapter
-    from suradapter.model.text_path import AdaptedTextPath
-    from suradapter.model.zoo import load_base_from_params
+    from suradapter.export.onnx_export import ExportParityError, export_adapter
 
     params = ctx.obj.load()
     settings = params.export
@@ -256,11 +287,9 @@ def export(
     out_dir = out_dir or Path(settings.output_dir)
     if not (adapter_dir / "config.json").is_file():
         fail(f"no adapter in {adapter_dir}: run `sur train` or pass --adapter", code=2)
-    pipeline = load_base_from_params(params.base_model)
-    path = AdaptedTextPath.from_pipeline(pipeline, SURAdapter.from_pretrained(adapter_dir))
     with console.status(f"exporting {adapter_dir} to ONNX"):
         try:
-            result = export_text_path(path, settings, out_dir, adapter_dir, params.base_model.id)
+            result = export_adapter(params, adapter_dir, out_dir, settings)
         except ExportParityError as err:
             fail(str(err), code=1)
     report = result.report
@@ -419,6 +448,113 @@ def deploy(
         return
     console.print(f"starting a worker: {' '.join(command)}", highlight=False)
     os.execv(command[0], command)
+
+
+zoo_app = typer.Typer(
+    help="Real architectures (SD1.5, SD2.1, a LLaMA teacher) with seeded random weights.",
+    no_args_is_help=True,
+)
+app.add_typer(zoo_app, name="zoo")
+
+
+@zoo_app.command("list")
+def zoo_list() -> None:
+    """Print the architectures `sur zoo build` knows, with what each is."""
+    from suradapter.model.specs import architecture_names, architecture_spec
+
+    table = Table(title="sur zoo: architectures as data (src/suradapter/model/configs)")
+    table.add_column("name")
+    table.add_column("kind")
+    table.add_column("what it is", overflow="fold")
+    for name in architecture_names():
+        spec = architecture_spec(name)
+        table.add_row(name, spec["kind"], spec["_comment"])
+    console.print(table)
+
+
+@zoo_app.command("build")
+def zoo_build(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="Architecture (see `sur zoo list`)."),
+    out_dir: Path = typer.Argument(..., help="Folder to write (replaced as a whole)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random weights."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16."),
+    layers: int | None = typer.Option(
+        None, "--layers", help="Teacher only: keep the first N decoder layers (fits small RAM)."
+    ),
+    vocabulary: Path | None = typer.Option(
+        None,
+        "--vocabulary",
+        help="Folder with CLIP's vocab.json + merges.txt (default: the shipped base's tokenizer).",
+    ),
+) -> None:
+    """Write a seeded random-weight folder of a real architecture (diffusers or transformers
+    layout), for dry runs and benchmarks of the real code path without the weights."""
+    from suradapter.devices import TORCH_DTYPES
+    from suradapter.model.architectures import build_architecture
+
+    if dtype not in TORCH_DTYPES:
+        fail(f"--dtype {dtype}: use one of {', '.join(TORCH_DTYPES)}")
+    source = vocabulary or Path(ctx.obj.load().bootstrap.output_dir) / "tokenizer"
+    with console.status(f"building {name} (seeded random weights) into {out_dir}"):
+        try:
+            record = build_architecture(name, out_dir, source, seed, dtype, layers)
+        except (KeyError, ValueError, OSError) as err:
+            fail(str(err).strip("'\""))
+    counts = ", ".join(f"{key} {count:,}" for key, count in record["parameters"].items())
+    console.print(f"[green]✓[/] {out_dir}: {name} ({record['kind']}, {dtype}; {counts} parameters)")
+
+
+@app.command("doctor")
+def doctor(
+    ctx: typer.Context,
+    rows: int = typer.Option(16, "--rows", min=2, help="SURD rows in the slice."),
+    steps: int = typer.Option(2, "--steps", min=1, help="Optimiser steps of the dry run."),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", min=1, help="Per-process batch of the dry run (train.batch_size)."
+    ),
+    source: Path | None = typer.Option(None, "--source", help="SURD folder (prepare.source)."),
+    workdir: Path | None = typer.Option(
+        None, "--workdir", help="Scratch folder, kept afterwards (default: a temporary one)."
+    ),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the figures here."),
+    profile: str | None = typer.Option(
+        None, "--profile", help="Profile to check (same as `sur --profile P doctor`)."
+    ),
+) -> None:
+    """Dry-run the real job: check the profile, then run every stage on a slice of the data
+    on this machine's device, with per-stage time, memory and a full-run projection."""
+    import tempfile
+
+    from suradapter.doctor import DoctorError, print_report, run_doctor, write_report
+
+    params = ctx.obj.load(profile)
+    console.print(
+        f"doctor: profile '{params.profile}', base {params.base_model.id}, teacher "
+        f"{params.embed.model}; {rows} rows, {steps} step(s)",
+        highlight=False,
+    )
+
+    def show(stage) -> None:
+        console.print(
+            f"  {stage.stage} done: {stage.seconds_per_unit:.3f} s/{stage.unit} on {stage.device}",
+            highlight=False,
+        )
+
+    with tempfile.TemporaryDirectory(prefix="sur-doctor-") as scratch:
+        try:
+            report = run_doctor(
+                params, workdir or Path(scratch), rows, steps, batch_size, source, show
+            )
+        except DoctorError as err:
+            fail(str(err), code=1)
+    print_report(report, console)
+    if json_out:
+        write_report(report, json_out)
+        console.print(f"figures: {json_out}")
+    if report.gate_verdict["passed"]:
+        fail("the gates passed a dry-run adapter: tighten evaluate.gates", code=1)
+    console.print("[green]doctor: ok[/] (every stage ran; the gates refused the dry-run adapter)")
 
 
 registry_app = typer.Typer(help="The MLflow model registry: versions and aliases.")

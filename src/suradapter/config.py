@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from suradapter.stack.settings import StackParams
 
@@ -169,8 +169,10 @@ class ShapesParams(StrictModel):
 
 
 class PrepareParams(StrictModel):
-    source: str = Field(
-        "data/raw/shapes", description="SURD folder to ingest (metadata.jsonl beside images)."
+    source: str | None = Field(
+        "data/raw/shapes",
+        description="SURD folder to ingest (metadata.jsonl beside images); null = must be "
+        "given (`sur prepare --source DIR`), as in real profiles.",
     )
     output_dir: str = Field("data/prepared", description="Where the prepared dataset goes.")
     resolution: int = Field(32, ge=8, description="Side images are normalised to, in pixels.")
@@ -225,8 +227,10 @@ class TrainParams(StrictModel):
     warmup_steps: int = Field(50, ge=0, description="Linear warm-up steps.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    mixed_precision: Literal["no", "fp16", "bf16"] = Field(
-        "no", description="Accelerate mixed precision (GPU); 'no' on CPU."
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = Field(
+        None,
+        description="Accelerate mixed precision; null = what `accelerate launch "
+        "--mixed_precision` or `accelerate config` says ('no' without either).",
     )
     caption_dropout: float = Field(
         0.1, ge=0, lt=1, description="Share of samples trained on the empty prompt."
@@ -335,17 +339,33 @@ class GateParams(StrictModel):
         description="Largest allowed relative rise of held-out denoising loss on keyword "
         "prompts with the adapter against the base.",
     )
-    min_retrieval_top1: float = Field(
-        0.0,
+    min_alignment_gain: float = Field(
+        0.05,
+        ge=0,
+        description="Least rise of the narrative-to-own-keyword embedding cosine, adapter "
+        "over base (every profile: an identity adapter gains 0).",
+    )
+    min_retrieval_gain: float = Field(
+        0.1,
         ge=0,
         le=1,
-        description="Least retrieval top-1 of adapted narrative among keyword embeddings.",
+        description="Least rise of retrieval top-1 (own keyword prompt nearest to the adapted "
+        "narrative one), adapter over base, on the 0-1 scale (every profile).",
     )
     min_margin_over_production: float = Field(
         0.0,
         description="Narrative accuracy the candidate must gain over @production (0-1 scale; "
         "negative allows a small regression).",
     )
+
+    @model_validator(mode="after")
+    def _refuse_an_identity_adapter(self) -> GateParams:
+        if self.min_alignment_gain <= 0 and self.min_retrieval_gain <= 0:
+            raise ValueError(
+                "min_alignment_gain and min_retrieval_gain are both 0: an identity (untrained) "
+                "adapter would pass; set at least one above 0"
+            )
+        return self
 
 
 class EvaluateParams(StrictModel):
@@ -481,6 +501,13 @@ class Params(StrictModel):
         default_factory=StackParams,
         description="The local stack (`sur stack`): Prefect, MLflow and S3 servers on loopback.",
     )
+
+    @property
+    def uses_shapes_world(self) -> bool:
+        """True when the SURD source is the rendered shapes world: `generate_shapes` makes it
+        and the oracle can score generated images."""
+        source = self.prepare.source
+        return source is not None and Path(source) == Path(self.shapes.output_dir)
 
 
 def default_params_path() -> Path:

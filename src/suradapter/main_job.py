@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
+from suradapter.checks import profile_mistakes
 from suradapter.config import Params
 
 if TYPE_CHECKING:
@@ -39,6 +40,10 @@ def run_main_job(params: Params, out_dir: Path, console: Console, use_stack: boo
     still fails after its retries (the message says which and why).
     """
     check_dvc_profile(params)
+    mistakes = profile_mistakes(params)
+    if mistakes:
+        listed = "\n  - ".join(mistakes)
+        raise RuntimeError(f"profile '{params.profile}' would fail:\n  - {listed}")
     if use_stack:
         ensure_stack(params, console)
     else:

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import os
 import shutil
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,14 +132,36 @@ def image_relpath(sample_id: str, resolution: int) -> str:
     return f"{IMAGES_DIR}/{sample_id}_{resolution}.png"
 
 
+def prepared_resolution(manifest: Path) -> int | None:
+    """The resolution the prepared dataset beside `manifest` was normalised to (None: unknown)."""
+    summary = Path(manifest).parent / SUMMARY_FILE
+    return json.loads(summary.read_text()).get("resolution") if summary.is_file() else None
+
+
+def resolve_source(params: PrepareParams, source: Path | None = None) -> Path:
+    """The SURD folder to ingest: `source`, else `prepare.source`. Raises PrepareError if
+    neither is set (real profiles leave it to the user)."""
+    chosen = source or params.source
+    if chosen is None:
+        raise PrepareError(
+            "prepare.source is not set: point it at your SURD folder (metadata.jsonl beside "
+            "the images) in configs/<profile>.yaml, or pass `sur prepare --source DIR`"
+        )
+    return Path(chosen)
+
+
 def prepare_dataset(
-    params: PrepareParams, source: Path | None = None, out_dir: Path | None = None
+    params: PrepareParams,
+    source: Path | None = None,
+    out_dir: Path | None = None,
+    limit: int | None = None,
 ) -> PrepareSummary:
-    """Run the stage; return its summary. Raises PrepareError when too many rows are bad.
+    """Run the stage (on the first `limit` rows only, when given: smoke runs); return its
+    summary. Raises PrepareError when too many rows are bad.
 
     On any error the previous manifest and the images it names stay as they were.
     """
-    source = Path(source or params.source)
+    source = resolve_source(params, source)
     out_dir = Path(out_dir or params.output_dir)
     (out_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(STAGING_PREFIX + "*"):
@@ -145,7 +169,7 @@ def prepare_dataset(
     staging = out_dir / f"{STAGING_PREFIX}{os.getpid()}"
     staging.mkdir()
     try:
-        summary, rows = _build(params, source, out_dir, staging)
+        summary, rows = _build(params, source, out_dir, staging, limit)
         if summary.bad_fraction > params.max_bad_fraction:
             rejected = out_dir.with_name(out_dir.name + REJECTED_QUARANTINE_SUFFIX)
             shutil.copyfile(staging / QUARANTINE_FILE, rejected)
@@ -159,7 +183,7 @@ def prepare_dataset(
 
 
 def _build(
-    params: PrepareParams, source: Path, out_dir: Path, staging: Path
+    params: PrepareParams, source: Path, out_dir: Path, staging: Path, limit: int | None
 ) -> tuple[PrepareSummary, list[dict[str, Any]]]:
     limits = ValidationLimits(params.max_prompt_chars, params.min_image_size)
     known = _previous_sources(out_dir, source)
@@ -167,8 +191,9 @@ def _build(
     summary = PrepareSummary()
     rows: list[dict[str, Any]] = []
     with (staging / QUARANTINE_FILE).open("w", encoding="utf-8") as quarantine:
-        items = read_surd(source, limits, known=known)
-        for item in tqdm(items, desc="prepare", unit="row", total=_count_lines(source)):
+        items = itertools.islice(read_surd(source, limits, known=known), limit)
+        total = min(count_rows(source), limit or sys.maxsize)
+        for item in tqdm(items, desc="prepare", unit="row", total=total):
             summary.rows_read += 1
             if isinstance(item, Quarantined):
                 summary.quarantined[item.reason] += 1
@@ -234,7 +259,8 @@ def _prune_images(out_dir: Path, keep: set[str]) -> None:
             (out_dir / IMAGES_DIR / name).unlink(missing_ok=True)
 
 
-def _count_lines(source: Path) -> int:
+def count_rows(source: Path) -> int:
+    """The rows (non-blank metadata lines) of a SURD folder."""
     with metadata_path(source).open("rb") as handle:
         return sum(1 for line in handle if line.strip())
 

@@ -19,7 +19,7 @@ EncodeFn = Callable[[list[str]], torch.Tensor]
 @torch.inference_mode()
 def _flat_unit(encode: EncodeFn, prompts: Sequence[str], batch: int) -> torch.Tensor:
     chunks = [encode(list(prompts[i : i + batch])) for i in range(0, len(prompts), batch)]
-    return F.normalize(torch.cat(chunks).float().flatten(1), dim=1)
+    return F.normalize(torch.cat(chunks).float().cpu().flatten(1), dim=1)
 
 
 def alignment_scores(

@@ -33,17 +33,18 @@ def heldout_denoise_loss(
     Returns `{"keyword": {name: loss}, "narrative": {name: loss}}`.
     """
     scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # on the CPU: same draws on every device
+    device, vae = pipeline.unet.device, pipeline.vae
     totals = {field: dict.fromkeys(conditions, 0.0) for field in PROMPT_FIELDS}
     count = min(batches, max(1, len(data) // batch_size))
     for _ in range(count):
         rows = torch.randint(len(data), (batch_size,), generator=generator)
         batch = data.batch(rows, torch.zeros(batch_size, dtype=torch.bool))
-        latents = pipeline.vae.encode(batch.pixels.to(pipeline.vae.dtype)).latent_dist.mode()
-        latents = latents * pipeline.vae.config.scaling_factor
-        noise = torch.randn(latents.shape, generator=generator)
+        pixels = batch.pixels.to(device, vae.dtype)
+        latents = vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
         steps = scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, steps, (batch_size,), generator=generator)
+        timesteps = torch.randint(0, steps, (batch_size,), generator=generator).to(device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         if scheduler.config.prediction_type == "v_prediction":
             target = scheduler.get_velocity(latents, noise, timesteps)

@@ -35,7 +35,11 @@ def at_most(name: str, value: float | None, threshold: float) -> Gate:
 
 
 def decide_gates(metrics: dict, params: GateParams) -> list[Gate]:
-    """The gates that apply to `metrics` (semantic ones only where the oracle ran)."""
+    """The gates that apply to `metrics` (semantic ones only where the oracle ran).
+
+    The alignment gains apply in every profile; an identity adapter gains exactly 0 on both,
+    and `GateParams` keeps at least one of their thresholds above 0, so it never passes.
+    """
     gates = []
     if metrics.get("gap_closure_measured"):
         gates.append(at_least("gap_closure", metrics["gap_closure"], params.min_gap_closure))
@@ -46,8 +50,11 @@ def decide_gates(metrics: dict, params: GateParams) -> list[Gate]:
     gates.append(
         at_most("denoise_loss_increase", denoise["relative_increase"], params.max_denoise_increase)
     )
-    retrieval = metrics["alignment"]["retrieval_top1"]["adapter"]
-    gates.append(at_least("retrieval_top1", retrieval, params.min_retrieval_top1))
+    alignment = metrics["alignment"]
+    gain = alignment["cosine"]["adapter"] - alignment["cosine"]["base"]
+    gates.append(at_least("alignment_gain", gain, params.min_alignment_gain))
+    gain = alignment["retrieval_top1"]["adapter"] - alignment["retrieval_top1"]["base"]
+    gates.append(at_least("retrieval_gain", gain, params.min_retrieval_gain))
     production = metrics.get("production_margin")
     if production is not None:
         gates.append(

@@ -23,6 +23,7 @@ from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 
 from suradapter.config import Params
+from suradapter.devices import process_device
 from suradapter.evaluate.alignment import embedding_alignment
 from suradapter.evaluate.clip_score import clip_scores, load_clip
 from suradapter.evaluate.denoise import heldout_denoise_loss
@@ -61,11 +62,6 @@ class EvaluationResult:
         return [gate for gate in self.gates if not gate.passed]
 
 
-def is_shapes_world(params: Params) -> bool:
-    """The oracle applies when the SURD source is the rendered shapes world."""
-    return Path(params.prepare.source) == Path(params.shapes.output_dir)
-
-
 def require_adapter(folder: Path) -> Path:
     """Return `folder` if it holds a trained adapter; raises FileNotFoundError naming it."""
     if not (Path(folder) / ADAPTER_WEIGHTS).is_file():
@@ -97,27 +93,44 @@ def _plain_encoder(path: AdaptedTextPath):
     return encode
 
 
+def load_models(
+    params: Params,
+    adapter_dir: Path,
+    production: tuple[str, SURAdapter] | None,
+    device: torch.device,
+) -> tuple[StableDiffusionPipeline, dict[str, AdaptedTextPath]]:
+    """The base pipeline (in `base_model.dtype`) and the adapted text paths to score
+    ("adapter", and "production" when given), all on `device`."""
+    pipeline = load_base_from_params(params.base_model).to(device)
+    models = {"adapter": AdaptedTextPath.from_pipeline(pipeline, load_adapter(adapter_dir))}
+    if production is not None:
+        models["production"] = AdaptedTextPath.from_pipeline(pipeline, production[1].eval())
+    for model in models.values():
+        model.adapter.to(device)
+    return pipeline, models
+
+
 def evaluate_adapter(
     params: Params,
     adapter_dir: Path | None = None,
     production: tuple[str, SURAdapter] | None = None,
     grid: bool = True,
+    device: torch.device | None = None,
 ) -> EvaluationResult:
     """Score the adapter in `adapter_dir` (default: evaluate.adapter_dir) and decide gates.
 
     `production` is (version, adapter) of the model behind @production, when there is one.
     With `grid`, the shapes world also gets an image grid of held-out narrative prompts.
+    Everything runs on `device` (default: this process's GPU when one is visible, else the
+    CPU), the base model in `base_model.dtype`.
     """
     started = time.monotonic()
     diffusers_logging.set_verbosity_error()  # long narratives: one truncation notice per batch
     settings = params.evaluate
     folder = Path(adapter_dir or settings.adapter_dir)
-    adapter = load_adapter(folder)
-    pipeline = load_base_from_params(params.base_model)
-    path = AdaptedTextPath.from_pipeline(pipeline, adapter)
-    models: dict[str, AdaptedTextPath] = {"adapter": path}
-    if production is not None:
-        models["production"] = AdaptedTextPath.from_pipeline(pipeline, production[1].eval())
+    pipeline, models = load_models(params, folder, production, device or process_device())
+    path, adapter = models["adapter"], models["adapter"].adapter
+    load_seconds = time.monotonic() - started
 
     metrics: dict = {"production_version": production[0] if production else None}
     narratives, keywords = heldout_pairs(Path(params.embed.manifest), settings.alignment_rows)
@@ -140,7 +153,7 @@ def evaluate_adapter(
     for losses in metrics["denoise"].values():
         losses["relative_increase"] = losses["adapter"] / losses["base"] - 1.0
 
-    if is_shapes_world(params):
+    if params.uses_shapes_world:
         metrics |= _semantic_metrics(params, pipeline, models)
     else:
         metrics |= {"semantic": None, "narrative_accuracy": None, "keyword_accuracy": None}
@@ -171,9 +184,10 @@ def evaluate_adapter(
         "gates": [gate.as_dict() for gate in gates],
         "metrics": metrics,
         "seconds": round(time.monotonic() - started, 1),
+        "load_seconds": round(load_seconds, 1),
     }
     image_grid = None
-    if grid and is_shapes_world(params):
+    if grid and params.uses_shapes_world:
         image_grid = comparison_grid(params, adapter, grid_prompts(params), pipeline)
     return EvaluationResult(report, gates, image_grid)
 

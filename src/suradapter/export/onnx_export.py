@@ -25,9 +25,12 @@ import torch
 from torch import nn
 
 from suradapter.atomic import recover_dir, replace_dir, staging_dir
-from suradapter.config import ExportParams
+from suradapter.config import ExportParams, Params
+from suradapter.devices import process_device
 from suradapter.export.runtime import MODEL_FILE, REPORT_FILE, OnnxTextPath
+from suradapter.model.adapter import SURAdapter
 from suradapter.model.text_path import AdaptedTextPath
+from suradapter.model.zoo import load_base_from_params
 from suradapter.provenance import sha256_file
 
 LOG = logging.getLogger(__name__)
@@ -95,6 +98,23 @@ def export_text_path(
     return ExportResult(out_dir, report)
 
 
+def export_adapter(
+    params: Params,
+    adapter_dir: Path,
+    out_dir: Path,
+    settings: ExportParams | None = None,
+    device: torch.device | None = None,
+) -> ExportResult:
+    """`sur export`: the base model's text encoder with the adapter in `adapter_dir`, on
+    `device` (default: this process's GPU when one is visible, else the CPU), exported and
+    checked by `export_text_path` with `settings` (default: `params.export`)."""
+    pipeline = load_base_from_params(params.base_model)
+    adapter = SURAdapter.from_pretrained(adapter_dir)
+    path = AdaptedTextPath.from_pipeline(pipeline, adapter).to(device or process_device())
+    settings = settings or params.export
+    return export_text_path(path, settings, out_dir, adapter_dir, params.base_model.id)
+
+
 def _export_into(
     staging: Path,
     path: AdaptedTextPath,
@@ -103,10 +123,12 @@ def _export_into(
     adapter_dir: Path | None,
     base_model: str,
 ) -> dict:
-    reference = copy.deepcopy(path).float().eval()  # the caller's model stays untouched
-    # fp32 exports the reference copy itself; only fp16 needs a second, converted copy.
-    target = copy.deepcopy(reference).half() if params.fp16 else reference
-    module = exportable(target).eval()
+    # The parity reference stays where the weights are (the GPU, when there is one); the
+    # graph is traced from a CPU copy. The caller's model stays untouched.
+    reference = copy.deepcopy(path).float().eval()
+    on_cpu = reference.text_encoder.device.type == "cpu"
+    target = reference if on_cpu and not params.fp16 else copy.deepcopy(reference).cpu()
+    module = exportable(target.half() if params.fp16 else target).eval()
     tokens = reference.tokenize(params.parity_prompts[:2])
     args = (tokens.input_ids,)
     if isinstance(module, _WithMask):
@@ -144,7 +166,7 @@ def _export_into(
     program.save(str(staging / MODEL_FILE), external_data=external)
     reference.tokenizer.save_pretrained(staging / "tokenizer")
 
-    exported = OnnxTextPath.load(staging)
+    exported = OnnxTextPath.load(staging, params.providers, Path(params.trt_cache_dir))
     diff = parity_max_abs_diff(reference, exported, params.parity_prompts)
     tolerance = params.fp16_tolerance if params.fp16 else params.fp32_tolerance
     report = {
@@ -152,6 +174,8 @@ def _export_into(
         "parity_max_abs_diff": diff,
         "parity_tolerance": tolerance,
         "parity_prompts": len(params.parity_prompts),
+        "parity_torch_device": str(reference.text_encoder.device),
+        "parity_provider": exported.provider,
         "external_data": external,
         "weight_bytes": weight_bytes,
         "inputs": exported.input_names,
@@ -168,7 +192,8 @@ def _export_into(
 def parity_max_abs_diff(
     reference: AdaptedTextPath, exported: OnnxTextPath, prompts: list[str]
 ) -> float:
-    """Max abs difference between PyTorch fp32 and ONNX embeddings, at batch 1 and at all.
+    """Max abs difference between PyTorch fp32 (on its device) and ONNX embeddings, at batch
+    1 and at all.
 
     Each batch is compared with PyTorch on the same batch: in reference mode the
     sequence-first attention mixes the prompts of a batch (a reference bug we keep there).
@@ -178,7 +203,7 @@ def parity_max_abs_diff(
     for rows in (slice(0, 1), slice(0, len(prompts))):  # two batch sizes: dynamic batch
         ids, mask = tokens.input_ids[rows], tokens.attention_mask[rows]
         with torch.no_grad():
-            expected = reference(ids, mask).numpy()
+            expected = reference(ids, mask).cpu().numpy()
         got = exported.run(ids, mask)
         worst = max(worst, float(np.abs(got - expected).max()))
     return worst

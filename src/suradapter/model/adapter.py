@@ -45,11 +45,14 @@ class SURAdapterOutput(BaseOutput):
     encoder_features: transformer-encoder output (the LLM-distillation target side), [B, T, D].
     fc_output: the fc projection before fusion, [B, T, D].
     mixer_output: the token mixer's update (already in `adapted`), [B, T, D]; None without one.
+
+    The fields after the first default to None, as in diffusers' outputs, so the output can
+    be rebuilt from a mapping: Accelerate does that to cast it to fp32 under mixed precision.
     """
 
     adapted: torch.Tensor
-    encoder_features: torch.Tensor
-    fc_output: torch.Tensor
+    encoder_features: torch.Tensor | None = None
+    fc_output: torch.Tensor | None = None
     mixer_output: torch.Tensor | None = None
 
 

@@ -8,7 +8,6 @@ reached, it fails at once with an error that says what to set.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import tempfile
@@ -18,31 +17,23 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionPipeline
 from huggingface_hub import constants as hub_constants
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTokenizer
 
 import suradapter.model.pixel_vae  # noqa: F401  (lets diffusers load PixelUnshuffleVAE folders)
 from suradapter.config import BaseModelParams
+from suradapter.devices import TORCH_DTYPES
+from suradapter.model.architectures import diffusion_components
+from suradapter.model.specs import BUILTIN_MODELS, architecture_spec
 from suradapter.model.tokenizer import build_clip_tokenizer
 
-BUILTIN_MODELS = ("tiny",)
 HUB_PROBE_TIMEOUT_S = 3.0
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class BaseModelNotFoundError(RuntimeError):
     """The base model named in params cannot be resolved here."""
-
-
-def builtin_config(name: str) -> dict[str, Any]:
-    """Return the architecture config of a built-in model. Raises KeyError if unknown."""
-    if name not in BUILTIN_MODELS:
-        raise KeyError(f"'{name}' is not a built-in model; known: {', '.join(BUILTIN_MODELS)}")
-    text = resources.files("suradapter.model").joinpath(f"configs/{name}.json").read_text()
-    return json.loads(text)
 
 
 def builtin_corpus(name: str) -> list[str]:
@@ -53,7 +44,7 @@ def builtin_corpus(name: str) -> list[str]:
 
 @cache
 def _builtin_tokenizer(name: str) -> CLIPTokenizer:
-    spec = builtin_config(name)["tokenizer"]
+    spec = architecture_spec(name)["tokenizer"]
     with tempfile.TemporaryDirectory(prefix=f"sur-{name}-tokenizer-") as folder:
         return build_clip_tokenizer(
             builtin_corpus(name),
@@ -66,32 +57,14 @@ def _builtin_tokenizer(name: str) -> CLIPTokenizer:
 
 def build_builtin_pipeline(name: str, seed: int = 0) -> StableDiffusionPipeline:
     """Build a built-in model from its configs with seeded weights; same seed, same weights."""
-    spec = builtin_config(name)
-    tokenizer = _builtin_tokenizer(name)
-    text_config = CLIPTextConfig(
-        **spec["text_encoder"],
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        text_encoder = CLIPTextModel(text_config)
-        unet = UNet2DConditionModel(**spec["unet"])
-        vae = AutoencoderKL(**spec["vae"])
-    pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=DDIMScheduler(**spec["scheduler"]),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+    if name not in BUILTIN_MODELS:
+        raise KeyError(f"'{name}' is not a built-in model; known: {', '.join(BUILTIN_MODELS)}")
+    return diffusion_components(architecture_spec(name), _builtin_tokenizer(name), seed)
+
+
+def native_resolution(pipeline: StableDiffusionPipeline) -> int:
+    """The image side the base model was built for: UNet sample size x VAE downsampling."""
+    return int(pipeline.unet.config.sample_size) * int(pipeline.vae_scale_factor)
 
 
 def load_base_pipeline(
@@ -105,7 +78,7 @@ def load_base_pipeline(
     if model_id in BUILTIN_MODELS:
         pipeline = build_builtin_pipeline(model_id, seed=seed)
     else:
-        kwargs = dict(dtype=DTYPES[dtype], safety_checker=None, requires_safety_checker=False)
+        kwargs = dict(dtype=TORCH_DTYPES[dtype], safety_checker=None, requires_safety_checker=False)
         local = Path(model_id).expanduser()
         if local.is_dir():
             if not (local / "model_index.json").is_file():

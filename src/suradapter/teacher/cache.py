@@ -1,6 +1,10 @@
 """The content-addressed teacher-feature cache: safetensors shards plus an index.
 
-Layout under `<cache_dir>/<teacher fingerprint id>/`:
+Layout under `<cache_dir>/`:
+  settings/<key>.json         embed settings (teacher, layer, pooling, dtype, length) -> the
+                              namespace `sur embed` filled for them, with its fingerprint, so
+                              readers (`sur train`) find it without loading or hashing the LLM
+and under `<cache_dir>/<teacher fingerprint id>/`:
   fingerprint.json            what the namespace means (teacher, weights hash, layer, ...)
   shards/<writer>-<n>.safetensors   tensor `features` [n, D]; metadata `keys` = JSON list of
                               text hashes, row i of `features` belongs to key i
@@ -31,6 +35,7 @@ SHARDS_DIR = "shards"
 INDEX_FILE = "index.json"
 FINGERPRINT_FILE = "fingerprint.json"
 FEATURES = "features"
+SETTINGS_DIR = "settings"
 
 
 def text_key(text: str) -> str:
@@ -38,11 +43,42 @@ def text_key(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def fingerprint_id(fingerprint: dict[str, object]) -> str:
+    """A short hash of a teacher fingerprint: the name of its cache namespace."""
+    blob = json.dumps(fingerprint, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _settings_path(root: Path, settings: dict[str, object]) -> Path:
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(root) / SETTINGS_DIR / f"{key}.json"
+
+
+def record_namespace(root: Path, settings: dict[str, object], fingerprint: dict) -> None:
+    """Record that `settings` are served by the namespace of `fingerprint` (atomic)."""
+    path = _settings_path(root, settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"settings": settings, "fingerprint": fingerprint}
+    record["fingerprint_id"] = fingerprint_id(fingerprint)
+    atomic_write_bytes(path, json.dumps(record, indent=2, sort_keys=True).encode())
+
+
+def recorded_namespace(root: Path, settings: dict[str, object]) -> dict[str, object]:
+    """The fingerprint `sur embed` recorded for `settings`. Raises FileNotFoundError."""
+    path = _settings_path(root, settings)
+    if not path.is_file():
+        shown = ", ".join(f"{key}={value}" for key, value in settings.items())
+        raise FileNotFoundError(
+            f"no teacher features in {root} for embed settings ({shown}): run `sur embed`"
+        )
+    return json.loads(path.read_text())["fingerprint"]
+
+
 class TeacherCache:
     """One namespace of the cache (one teacher setting)."""
 
-    def __init__(self, root: Path, fingerprint: dict[str, object], fingerprint_id: str) -> None:
-        self.folder = Path(root) / fingerprint_id
+    def __init__(self, root: Path, fingerprint: dict[str, object]) -> None:
+        self.folder = Path(root) / fingerprint_id(fingerprint)
         (self.folder / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
         record = self.folder / FINGERPRINT_FILE
         if not record.is_file():

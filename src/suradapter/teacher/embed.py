@@ -19,7 +19,8 @@ import torch
 from tqdm import tqdm
 
 from suradapter.config import EmbedParams
-from suradapter.teacher.cache import TeacherCache, text_key
+from suradapter.devices import process_device
+from suradapter.teacher.cache import TeacherCache, record_namespace, recorded_namespace, text_key
 from suradapter.teacher.model import Teacher, extract_features, load_teacher
 from suradapter.tracking import log_to_active_run
 
@@ -64,9 +65,11 @@ class EmbedSummary:
     computed: int
     shards_written: int
     seconds: float
-    prompts_per_s: float
+    load_seconds: float  # of `seconds`: loading the teacher onto its device
+    prompts_per_s: float  # computed prompts per second of computing (load time excluded)
+    device: str
 
-    def as_dict(self) -> dict[str, float]:
+    def as_dict(self) -> dict[str, float | str]:
         return asdict(self)
 
 
@@ -118,34 +121,57 @@ def compute_missing(
     return len(todo), written
 
 
+def feature_settings(params: EmbedParams) -> dict[str, object]:
+    """The embed params that determine a feature (not batching, sharding or paths)."""
+    return params.model_dump(
+        include={"model", "revision", "layer", "pooling", "dtype", "max_length"}
+    )
+
+
 def run_embed(
-    params: EmbedParams, shard: ShardSpec | None = None, texts: list[str] | None = None
+    params: EmbedParams,
+    shard: ShardSpec | None = None,
+    texts: list[str] | None = None,
+    device: torch.device | None = None,
 ) -> EmbedSummary:
-    """Fill the cache for the manifest's texts (or `texts`); return counts and timing."""
+    """Fill the cache for the manifest's texts (or `texts`); return counts and timing.
+
+    The teacher runs on `device` (default: this process's GPU when one is visible, else the
+    CPU) in `embed.dtype`.
+    """
     started = time.perf_counter()
     shard = shard or ShardSpec.from_environment()
     all_texts = texts if texts is not None else manifest_texts(Path(params.manifest))
     texts_by_key = {text_key(text): text for text in all_texts}
-    teacher = load_teacher(params)
-    cache = TeacherCache(Path(params.cache_dir), teacher.fingerprint, teacher.fingerprint_id)
+    device = device or process_device()
+    teacher = load_teacher(params, device)
+    loaded = time.perf_counter()
+    cache = TeacherCache(Path(params.cache_dir), teacher.fingerprint)
+    record_namespace(Path(params.cache_dir), feature_settings(params), teacher.fingerprint)
     cached_before = len(texts_by_key) - len(cache.missing(texts_by_key))
     computed, written = compute_missing(teacher, cache, texts_by_key, params, shard)
     cache.save_index()
-    seconds = time.perf_counter() - started
+    finished = time.perf_counter()
     summary = EmbedSummary(
         texts=len(all_texts),
         distinct=len(texts_by_key),
         cached_before=cached_before,
         computed=computed,
         shards_written=written,
-        seconds=round(seconds, 3),
-        prompts_per_s=round(computed / seconds, 1) if computed else 0.0,
+        seconds=round(finished - started, 3),
+        load_seconds=round(loaded - started, 3),
+        prompts_per_s=round(computed / (finished - loaded), 2) if computed else 0.0,
+        device=str(device),
     )
-    log_to_active_run({f"embed_{k}": v for k, v in summary.as_dict().items()})
+    figures = {k: v for k, v in summary.as_dict().items() if isinstance(v, int | float)}
+    log_to_active_run({f"embed_{k}": v for k, v in figures.items()})
     return summary
 
 
 def open_cache(params: EmbedParams) -> TeacherCache:
-    """Open the cache namespace of the teacher setting in params (loads the teacher)."""
-    teacher = load_teacher(params)
-    return TeacherCache(Path(params.cache_dir), teacher.fingerprint, teacher.fingerprint_id)
+    """Open the namespace `sur embed` filled for these settings, without loading the teacher.
+
+    Raises FileNotFoundError when `sur embed` has not run for them.
+    """
+    root = Path(params.cache_dir)
+    return TeacherCache(root, recorded_namespace(root, feature_settings(params)))

