@@ -250,16 +250,24 @@ def test_an_untrained_or_identity_adapter_fails_the_sd15_gates(sd15_project, tmp
 
 
 def test_the_doctor_runs_every_stage_and_projects_the_full_run(sd15_project, tmp_path):
-    done = _sur(sd15_project, "doctor", "--rows", "12", "--json", str(tmp_path / "d.json"))
+    figures = tmp_path / "doctor.json"
+    done = _sur(sd15_project, "doctor", "--rows", "12", "--batch-size", "2", "--json", str(figures))
     assert done.returncode == 0, done.stdout + done.stderr
-    report = json.loads((tmp_path / "d.json").read_text())
+    report = json.loads(figures.read_text())
     stages = {stage["stage"]: stage for stage in report["stages"]}
     assert list(stages) == ["prepare", "embed", "train", "export", "evaluate"]
-    assert stages["train"]["units"] == 2 and stages["train"]["full_units"] == 2  # max_steps
+    train = stages["train"]
+    assert train["units"] == 2 and train["full_units"] == 2  # the profile's max_steps
+    assert train["unit_scale"] == 2.0  # the dry run's batch 2, the profile's batch 4
+    assert train["figures"]["samples_per_second"] == pytest.approx(2 / train["seconds_per_unit"])
     assert stages["prepare"]["units"] == 12 and stages["prepare"]["full_units"] == 48
     for stage in stages.values():
         assert stage["device"] == "cpu" and stage["peak_memory_bytes"] > 0
-        assert stage["projected_seconds"] >= stage["seconds_per_unit"] * stage["full_units"]
+        work = stage["seconds_per_unit"] * stage["unit_scale"] * stage["full_units"]
+        assert stage["projected_seconds"] == pytest.approx(stage["fixed_seconds"] + work)
+    assert report["projected_seconds"] == pytest.approx(
+        sum(stage["projected_seconds"] for stage in stages.values())
+    )
     assert report["gate_verdict"]["passed"] is False
     assert "full run, projected" in done.stdout and "doctor: ok" in done.stdout
     assert not (sd15_project / "outputs/adapter.doctor").exists()

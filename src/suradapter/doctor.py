@@ -53,10 +53,11 @@ class StageFigures:
     full_units: int  # rows or steps of the full run
     note: str = ""
     figures: dict[str, Any] = field(default_factory=dict)  # stage-specific numbers
+    unit_scale: float = 1.0  # a full-run unit costs this many slice units (a larger batch)
 
     @property
     def projected_seconds(self) -> float:
-        return self.fixed_seconds + self.seconds_per_unit * self.full_units
+        return self.fixed_seconds + self.seconds_per_unit * self.unit_scale * self.full_units
 
 
 @dataclass
@@ -195,10 +196,9 @@ def run_doctor(
 
     record(_prepare(dry, rows, full_rows, device))
     record(_embed(dry, full_rows, device))
-    train, batch_scale = _train(dry, params, device)
-    record(train)
+    record(_train(dry, params, device))
     record(_export(dry, device))
-    evaluation, verdict = _evaluate(params, dry, device, batch_scale)
+    evaluation, verdict = _evaluate(params, dry, device)
     record(evaluation)
     report.gate_verdict = verdict
     if verdict["passed"]:
@@ -283,7 +283,7 @@ def _embed(dry: Params, full_rows: int, device: torch.device) -> StageFigures:
     )  # fmt: skip
 
 
-def _train(dry: Params, params: Params, device: torch.device) -> tuple[StageFigures, float]:
+def _train(dry: Params, params: Params, device: torch.device) -> StageFigures:
     from suradapter.train.adapter import train_adapter
 
     try:
@@ -303,12 +303,12 @@ def _train(dry: Params, params: Params, device: torch.device) -> tuple[StageFigu
     samples = dry.train.batch_size * dry.train.gradient_accumulation_steps
     figures = StageFigures(
         "train", result.device, f"frozen {result.frozen_dtype}, adapter float32",
-        len(times), "step", per_step * batch_scale, seconds - result.seconds, memory.peak,
-        memory.kind, params.train.max_steps, note,
-        {"measured_step_seconds": per_step, "samples_per_second": samples / per_step,
-         "mixed_precision": result.mixed_precision},
+        len(times), "step", per_step, seconds - result.seconds, memory.peak, memory.kind,
+        params.train.max_steps, note,
+        {"samples_per_second": samples / per_step, "mixed_precision": result.mixed_precision},
+        batch_scale,
     )  # fmt: skip
-    return figures, batch_scale
+    return figures
 
 
 def _export(dry: Params, device: torch.device) -> StageFigures:
@@ -329,13 +329,13 @@ def _export(dry: Params, device: torch.device) -> StageFigures:
     )
     keep = ("parity_max_abs_diff", "parity_tolerance", "parity_provider", "external_data")
     return StageFigures(
-        "export", report["parity_torch_device"], report["dtype"], 1, "export", 0.0, seconds,
+        "export", report["parity_torch_device"], report["dtype"], 1, "export", seconds, 0.0,
         memory.peak, memory.kind, 1, note, {key: report[key] for key in keep},
     )  # fmt: skip
 
 
 def _evaluate(
-    params: Params, dry: Params, device: torch.device, batch_scale: float
+    params: Params, dry: Params, device: torch.device
 ) -> tuple[StageFigures, dict[str, Any]]:
     from suradapter.evaluate.run import evaluate_adapter
 
@@ -343,7 +343,7 @@ def _evaluate(
         result, seconds, memory = _timed(device, lambda: evaluate_adapter(dry, device=device))
     except (ValueError, FileNotFoundError, OSError) as err:
         raise _stage_error("evaluate", err) from None
-    metrics = result.report["metrics"]
+    metrics, load = result.report["metrics"], result.report["load_seconds"]
     rows = metrics["alignment"]["n"] + dry.train.batch_size  # alignment rows + 1 denoise batch
     full = (
         params.evaluate.alignment_rows + params.evaluate.denoise_batches * params.train.batch_size
@@ -354,8 +354,8 @@ def _evaluate(
     }
     failed = ", ".join(gate.name for gate in result.failed_gates) or "none"
     return StageFigures(
-        "evaluate", str(device), dry.base_model.dtype, rows, "row", seconds / rows, 0.0,
-        memory.peak, memory.kind, full,
+        "evaluate", str(device), dry.base_model.dtype, rows, "row", (seconds - load) / rows,
+        load, memory.peak, memory.kind, full,
         f"rows = alignment + denoise; gates failed: {failed}",
     ), verdict  # fmt: skip
 
