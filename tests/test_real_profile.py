@@ -321,3 +321,19 @@ def test_sur_zoo_lists_the_architectures_and_builds_one(tmp_path, repo_root, mon
         app, ["zoo", "build", "sd15-mini", str(tmp_path / "y"), "--layers", "1"]
     )
     assert no_layers.exit_code == 2 and "--layers applies to teachers" in no_layers.stdout
+
+
+def test_the_doctor_starts_from_an_empty_scratch_folder(tmp_path):
+    """Features or images left by an earlier dry run would fake its timings."""
+    from suradapter.doctor import DoctorError, fresh_workdir
+
+    scratch = tmp_path / "scratch"
+    fresh_workdir(scratch)
+    (scratch / "teacher_cache").mkdir()
+    fresh_workdir(scratch)  # its own folder: emptied
+    assert [p.name for p in scratch.iterdir()] == [".sur-doctor"]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("not the doctor's")
+    with pytest.raises(DoctorError, match="not empty"):
+        fresh_workdir(tmp_path / "mine")
+    assert (tmp_path / "mine" / "thesis.tex").is_file()

@@ -11,6 +11,7 @@ on the CPU) and a projection of the full run for the configured data size and `m
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +32,7 @@ from suradapter.model.architectures import zoo_record
 
 SLICE_TEST_FRACTION = 0.5  # the slice needs both train rows and held-out rows
 RSS_SAMPLE_S = 0.02
+WORKDIR_MARKER = ".sur-doctor"
 
 
 class DoctorError(RuntimeError):
@@ -182,6 +184,7 @@ def run_doctor(
 
     surd = surd_source(params, source)
     full_rows = count_rows(surd)
+    fresh_workdir(Path(workdir))
     dry = slice_params(params, Path(workdir), surd, steps, batch_size)
     report = DoctorReport(
         params.profile, params.base_model.id, params.embed.model, full_rows, params.train.max_steps
@@ -207,6 +210,18 @@ def run_doctor(
             "evaluate.gates would not refuse an untrained adapter"
         )
     return report
+
+
+def fresh_workdir(folder: Path) -> None:
+    """Empty the doctor's scratch folder (cached features would fake the timings). Raises
+    DoctorError for a non-empty folder that an earlier doctor run did not make."""
+    marker = folder / WORKDIR_MARKER
+    if folder.is_dir() and any(folder.iterdir()):
+        if not marker.is_file():
+            raise DoctorError(f"--workdir {folder} is not empty and not a doctor's scratch folder")
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    marker.write_text("scratch folder of `sur doctor`: emptied by each run\n")
 
 
 def _warnings(params: Params) -> list[str]:
