@@ -4,11 +4,11 @@ architecture family scaled down, the doctor, and stages that run where they are 
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import shutil
-import subprocess
-import sys
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,7 +21,6 @@ from suradapter.config import EmbedParams, load_params
 from suradapter.model.architectures import build_architecture
 from suradapter.model.specs import architecture_spec
 
-SUR = str(Path(sys.executable).parent / "sur")
 MINI_SIDE = 64  # native size of sd15-mini: UNet sample 8 x VAE downsampling 8
 
 
@@ -190,23 +189,35 @@ def sd15_project(tmp_path_factory, repo_root, zoo, surd) -> Path:
     return root
 
 
-def _sur(project: Path, *args: str, profile: str = "sd15") -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "200", "MLFLOW_TRACKING_URI": f"sqlite:///{project}/ml.db"}
-    return subprocess.run(
-        [SUR, "--params", str(project / "params.yaml"), "--profile", profile, *args],
-        cwd=project,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+
+
+def _sur(project: Path, *args: str, profile: str = "sd15") -> Ran:
+    """`sur --params <project>/params.yaml --profile P ARGS`, run from `project` by the real
+    CLI in this process (no interpreter start-up per stage)."""
+    import mlflow
+    from typer.testing import CliRunner
+
+    from suradapter.cli import app
+
+    env = {"COLUMNS": "200", "MLFLOW_TRACKING_URI": f"sqlite:///{project}/ml.db"}
+    command = ["--params", str(project / "params.yaml"), "--profile", profile, *args]
+    with contextlib.chdir(project):
+        result = CliRunner().invoke(app, command, env=env)
+    mlflow.set_tracking_uri(None)  # the stage set it for this process
+    crash = result.exception and not isinstance(result.exception, SystemExit)
+    trace = "".join(traceback.format_exception(result.exception)) if crash else ""
+    return Ran(result.exit_code, result.output + trace)
 
 
 def test_every_stage_runs_through_the_sd15_profile(sd15_project):
     """prepare -> embed -> train -> export -> evaluate on the SD1.5 architecture family."""
     for stage in ("prepare", "embed", "train", "export"):
         done = _sur(sd15_project, stage)
-        assert done.returncode == 0, f"{stage}\n{done.stdout}\n{done.stderr}"
+        assert done.returncode == 0, f"{stage}\n{done.stdout}"
     summary = json.loads((sd15_project / "data/prepared/summary.json").read_text())
     assert summary["resolution"] == MINI_SIDE and summary["kept"] == 48
     export = json.loads((sd15_project / "outputs/export/export.json").read_text())
@@ -216,7 +227,7 @@ def test_every_stage_runs_through_the_sd15_profile(sd15_project):
     assert export["parity_max_abs_diff"] <= export["parity_tolerance"] == 1e-4
     assert export["max_length"] == "77"
     evaluated = _sur(sd15_project, "evaluate", "--no-production", "--no-gate-exit")
-    assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
+    assert evaluated.returncode == 0, evaluated.stdout
     report = json.loads((sd15_project / "outputs/eval/report.json").read_text())
     gates = {gate["name"] for gate in report["gates"]}
     assert gates == {"denoise_loss_increase", "alignment_gain", "retrieval_gain"}
@@ -252,7 +263,7 @@ def test_an_untrained_or_identity_adapter_fails_the_sd15_gates(sd15_project, tmp
 def test_the_doctor_runs_every_stage_and_projects_the_full_run(sd15_project, tmp_path):
     figures = tmp_path / "doctor.json"
     done = _sur(sd15_project, "doctor", "--rows", "12", "--batch-size", "2", "--json", str(figures))
-    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.returncode == 0, done.stdout
     report = json.loads(figures.read_text())
     stages = {stage["stage"]: stage for stage in report["stages"]}
     assert list(stages) == ["prepare", "embed", "train", "export", "evaluate"]
