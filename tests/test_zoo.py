@@ -6,8 +6,9 @@ import pytest
 import torch
 from transformers import CLIPTokenizer
 
+from suradapter.model.specs import builtin_corpus
 from suradapter.model.tokenizer import bytes_to_unicode, learn_bpe_merges, write_clip_tokenizer
-from suradapter.model.zoo import BaseModelNotFoundError, builtin_corpus, load_base_pipeline
+from suradapter.model.zoo import BaseModelNotFoundError, load_base_pipeline
 
 
 def test_tiny_is_seeded(tiny_pipeline):
@@ -41,7 +42,7 @@ def test_tiny_tokenizer_is_a_real_clip_bpe(tiny_pipeline):
 
 
 MERGES_DIGEST = (
-    "import hashlib, json; from suradapter.model.zoo import builtin_corpus; "
+    "import hashlib, json; from suradapter.model.specs import builtin_corpus; "
     "from suradapter.model.tokenizer import learn_bpe_merges; "
     "print(hashlib.sha256(json.dumps(learn_bpe_merges(builtin_corpus('tiny'), 400, 1)).encode())"
     ".hexdigest())"

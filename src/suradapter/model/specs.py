@@ -40,6 +40,12 @@ def architecture_spec(name: str) -> dict[str, Any]:
     return json.loads(_spec_text(name))
 
 
+def builtin_corpus(name: str) -> list[str]:
+    """The tokenizer training corpus of a built-in model, one line per entry."""
+    text = resources.files("suradapter.model").joinpath(f"configs/{name}_corpus.txt").read_text()
+    return [line for line in text.splitlines() if line.strip()]
+
+
 def declared_native_resolution(params: BaseModelParams) -> int | None:
     """The image side the base model is built for (UNet sample size x VAE downsampling),
     read from its configs alone. None when they are not on this machine (an uncached hub id).

@@ -12,7 +12,6 @@ import os
 import socket
 import tempfile
 from functools import cache
-from importlib import resources
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -26,7 +25,7 @@ import suradapter.model.pixel_vae  # noqa: F401  (lets diffusers load PixelUnshu
 from suradapter.config import BaseModelParams
 from suradapter.devices import TORCH_DTYPES
 from suradapter.model.architectures import diffusion_components
-from suradapter.model.specs import BUILTIN_MODELS, architecture_spec
+from suradapter.model.specs import BUILTIN_MODELS, architecture_spec, builtin_corpus
 from suradapter.model.tokenizer import build_clip_tokenizer
 
 HUB_PROBE_TIMEOUT_S = 3.0
@@ -34,12 +33,6 @@ HUB_PROBE_TIMEOUT_S = 3.0
 
 class BaseModelNotFoundError(RuntimeError):
     """The base model named in params cannot be resolved here."""
-
-
-def builtin_corpus(name: str) -> list[str]:
-    """Return the tokenizer training corpus of a built-in model, one line per entry."""
-    text = resources.files("suradapter.model").joinpath(f"configs/{name}_corpus.txt").read_text()
-    return [line for line in text.splitlines() if line.strip()]
 
 
 @cache
