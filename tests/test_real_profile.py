@@ -348,3 +348,17 @@ def test_the_doctor_starts_from_an_empty_scratch_folder(tmp_path):
     with pytest.raises(DoctorError, match="not empty"):
         fresh_workdir(tmp_path / "mine")
     assert (tmp_path / "mine" / "thesis.tex").is_file()
+
+
+def test_a_teacher_dim_that_is_not_the_teachers_width_names_both(sd15_project):
+    from suradapter.checks import ConfigMistake, check_teacher
+    from suradapter.teacher.model import checked_teacher_dim
+
+    assert checked_teacher_dim(None, 32, "t") == checked_teacher_dim(32, 32, "t") == 32
+    params = load_params(sd15_project / "params.yaml", profile="sd15")
+    check_teacher(params)
+    wrong = params.model_copy(
+        update={"adapter": params.adapter.model_copy(update={"teacher_dim": 5120})}
+    )
+    with pytest.raises(ConfigMistake, match=r"teacher_dim is 5120, .* gives 32-d features"):
+        check_teacher(wrong)

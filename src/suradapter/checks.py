@@ -51,19 +51,20 @@ def check_base_resolution(params: Params) -> None:
 def check_teacher(params: Params) -> None:
     """Raises ConfigMistake when the teacher lacks `embed.layer` or its width is not
     `adapter.teacher_dim`."""
-    from suradapter.teacher.model import TeacherNotFoundError, hooked_layer_index, teacher_config
+    from suradapter.teacher.model import (
+        TeacherNotFoundError,
+        checked_teacher_dim,
+        hooked_layer_index,
+        teacher_config,
+    )
 
+    embed = params.embed
     try:
-        config = teacher_config(params.embed)
-        hooked_layer_index(params.embed, config.num_hidden_layers)
+        config = teacher_config(embed)
+        hooked_layer_index(embed, config.num_hidden_layers)
+        checked_teacher_dim(params.adapter.teacher_dim, config.hidden_size, embed.model)
     except (ValueError, TeacherNotFoundError) as err:
         raise ConfigMistake(str(err)) from None
-    declared, width = params.adapter.teacher_dim, config.hidden_size
-    if declared is not None and declared != width:
-        raise ConfigMistake(
-            f"adapter.teacher_dim is {declared}, but embed.model '{params.embed.model}' is "
-            f"{width} wide: set adapter.teacher_dim: {width}"
-        )
 
 
 def profile_mistakes(params: Params, source: Path | None = None) -> list[str]:

@@ -197,7 +197,7 @@ def run_doctor(
         if on_stage:
             on_stage(figures)
 
-    record(_prepare(dry, rows, full_rows, device))
+    record(_prepare(dry, rows, full_rows))
     record(_embed(dry, full_rows, device))
     record(_train(dry, params, device))
     record(_export(dry, device))
@@ -258,7 +258,7 @@ def _stage_error(stage: str, err: Exception) -> DoctorError:
     return DoctorError(f"stage {stage} failed on the slice: {type(err).__name__}: {err}")
 
 
-def _prepare(dry: Params, rows: int, full_rows: int, device: torch.device) -> StageFigures:
+def _prepare(dry: Params, rows: int, full_rows: int) -> StageFigures:
     from suradapter.data.prepare import PrepareError, prepare_dataset
 
     try:

@@ -106,6 +106,17 @@ def hooked_layer_index(params: EmbedParams, num_layers: int) -> int:
     return params.layer % num_layers
 
 
+def checked_teacher_dim(declared: int | None, width: int, model: str) -> int:
+    """The teacher feature width `width` of `embed.model` `model`, when `adapter.teacher_dim`
+    (`declared`) agrees or is unset. Raises ValueError naming both otherwise."""
+    if declared is not None and declared != width:
+        raise ValueError(
+            f"adapter.teacher_dim is {declared}, but embed.model '{model}' gives {width}-d "
+            f"features: set adapter.teacher_dim: {width}"
+        )
+    return width
+
+
 def teacher_fingerprint(params: EmbedParams) -> dict[str, object]:
     """What a cached feature depends on: teacher, weights digest, layer, pooling, dtype, length.
 

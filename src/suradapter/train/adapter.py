@@ -39,6 +39,7 @@ from suradapter.model.specs import check_resolution
 from suradapter.model.zoo import load_base_from_params, native_resolution
 from suradapter.provenance import sha256_file
 from suradapter.teacher.embed import open_cache
+from suradapter.teacher.model import checked_teacher_dim
 from suradapter.train.checkpoints import (
     claim_checkpoints,
     latest_checkpoint,
@@ -211,18 +212,6 @@ def make_accelerator(train: TrainParams) -> Accelerator:
     return accelerator
 
 
-def checked_teacher_dim(params: Params, cached_dim: int) -> int:
-    """The teacher feature width to train with. Raises ValueError when params disagree."""
-    declared = params.adapter.teacher_dim
-    if declared is not None and declared != cached_dim:
-        raise ValueError(
-            f"adapter.teacher_dim is {declared}, but the teacher cache of embed.model "
-            f"'{params.embed.model}' holds {cached_dim}-d features: set adapter.teacher_dim: "
-            f"{cached_dim}"
-        )
-    return cached_dim
-
-
 def train_adapter(params: Params, on_log=None) -> TrainResult:
     """Train (or resume) the adapter; save it with `save_pretrained`; return a summary.
 
@@ -240,7 +229,9 @@ def train_adapter(params: Params, on_log=None) -> TrainResult:
     frozen = frozen_parts(pipeline, accelerator.device, weight_dtype)
     width = pipeline.text_encoder.config.hidden_size
     data = AdapterTrainingData(manifest, pipeline.tokenizer, open_cache(params.embed))
-    teacher_dim = checked_teacher_dim(params, data.teacher.shape[1])
+    teacher_dim = checked_teacher_dim(
+        params.adapter.teacher_dim, data.teacher.shape[1], params.embed.model
+    )
     adapter_params = params.adapter.model_copy(update={"teacher_dim": teacher_dim})
     adapter = SURAdapter.for_pipeline(adapter_params, pipeline)
     if adapter.has_token_mixer:  # a resumed run reloads the same statistics from its checkpoint
