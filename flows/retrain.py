@@ -1,6 +1,6 @@
 """The retrain flow: every DVC stage in order, then register and promote by policy.
 
-    generate_shapes (shapes world only) > prepare > embed > bootstrap_base > train
+    generate_shapes (shapes world only) > prepare > embed > bootstrap_base > encode > train
         > evaluate > export > register > promote
 
 Each stage is a task that runs `dvc repro --single-item <stage>` in the project, so DVC

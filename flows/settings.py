@@ -4,7 +4,9 @@ from __future__ import annotations
 
 # The DVC stages the retrain flow runs, in order (each is `dvc repro --single-item <stage>`).
 # `generate_shapes` only runs when the SURD source is the rendered shapes world.
-STAGES = ("generate_shapes", "prepare", "embed", "bootstrap_base", "train", "evaluate", "export")
+STAGES = (
+    "generate_shapes", "prepare", "embed", "bootstrap_base", "encode", "train", "evaluate", "export"
+)  # fmt: skip
 SHAPES_STAGE = "generate_shapes"
 
 # Transient failures (a killed stage, a locked DVC repo, a tracking server restarting) are

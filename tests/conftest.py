@@ -59,6 +59,7 @@ PROJECT_FILES = [
     "src/suradapter/data",
     "src/suradapter/teacher",
     "src/suradapter/train",
+    "src/suradapter/frozen",
     "src/suradapter/model",
     "src/suradapter/export",
     "src/suradapter/evaluate",
@@ -122,3 +123,46 @@ def make_project_copy(repo: Path, repo_root: Path) -> tuple[Path, dict[str, str]
     for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
         subprocess.run(command, cwd=repo, env=env, check=True, capture_output=True)
     return repo, env
+
+
+@pytest.fixture(scope="module")
+def tiny_project(tmp_path_factory, repo_root) -> Path:
+    """A params file (profile tiny) whose data is 96 prepared shapes samples, embedded (the
+    frozen-output cache is filled by the first run that needs it)."""
+    import shutil
+
+    import yaml
+
+    from suradapter.config import load_params
+    from suradapter.data.prepare import prepare_dataset
+    from suradapter.data.shapes import generate_shapes_dataset
+    from suradapter.teacher.embed import run_embed
+
+    root = tmp_path_factory.mktemp("train-project")
+    shutil.copytree(repo_root / "configs", root / "configs")
+    raw = yaml.safe_load((repo_root / "params.yaml").read_text())
+    raw["shapes"].update(num_samples=96, output_dir=str(root / "raw"))
+    raw["prepare"].update(source=str(root / "raw"), output_dir=str(root / "prepared"))
+    raw["embed"].update(
+        manifest=str(root / "prepared/manifest.parquet"), cache_dir=str(root / "cache")
+    )
+    raw["encode"].update(cache_dir=str(root / "frozen"))
+    raw["train"].update(
+        output_dir=str(root / "adapter"),
+        checkpoint_dir=str(root / "ckpt"),
+        max_steps=30,
+        batch_size=8,
+        warmup_steps=2,
+        checkpoint_every=10,
+        log_every=2,
+        tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
+        grid_prompts=2,
+    )
+    raw["sampling"].update(steps=2)
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    params = load_params(path, profile="tiny")
+    generate_shapes_dataset(params.shapes, Path(params.shapes.output_dir))
+    prepare_dataset(params.prepare)
+    run_embed(params.embed)
+    return path

@@ -129,7 +129,8 @@ def test_the_profile_key_of_the_params_file_applies_its_overlay(params_copy, mon
 
 
 REAL_PROFILE_SECTIONS = (
-    "base_model", "adapter", "loss", "prepare", "embed", "train", "sampling", "export", "evaluate"
+    "base_model", "adapter", "loss", "prepare", "embed", "encode", "train", "sampling", "export",
+    "evaluate",
 )  # fmt: skip
 
 

@@ -29,7 +29,9 @@ def dvc_repo(tmp_path_factory, repo_root):
     return repo, env, stages_run(run("dvc", "repro", cwd=repo, env=env))
 
 
-STAGES = ("generate_shapes", "prepare", "embed", "bootstrap_base", "train", "export", "evaluate")
+STAGES = (
+    "generate_shapes", "prepare", "embed", "bootstrap_base", "encode", "train", "export", "evaluate"
+)  # fmt: skip
 
 
 def stages_run(output: str) -> set[str]:
@@ -38,7 +40,15 @@ def stages_run(output: str) -> set[str]:
 
 def test_repro_noop_and_param_scoped_reruns(dvc_repo):
     repo, env, first = dvc_repo
-    every = {"generate_shapes", "prepare", "embed", "train", "export", "evaluate"}  # not bootstrap
+    every = {
+        "generate_shapes",
+        "prepare",
+        "embed",
+        "encode",
+        "train",
+        "export",
+        "evaluate",
+    }  # no bootstrap
     assert first == every
     assert (repo / "data/prepared/manifest.parquet").is_file()
     assert list((repo / "data/teacher_cache").glob("*/shards/*.safetensors"))

@@ -178,6 +178,7 @@ def test_retrain_runs_every_stage_registers_and_promotes(project, mlflow_url):
         "prepare": "ran",
         "embed": "ran",
         "bootstrap_base": "frozen",
+        "encode": "ran",
         "train": "ran",
         "evaluate": "ran",
         "export": "ran",

@@ -181,7 +181,8 @@ def sd15_project(tmp_path_factory, repo_root, zoo, surd) -> Path:
         source=str(surd), resolution=MINI_SIDE, min_image_size=32,
         val_fraction=0.1, test_fraction=0.3,
     )  # fmt: skip
-    overlay["train"].update(max_steps=2, batch_size=4, grid_prompts=1)
+    overlay["train"].update(max_steps=2, batch_size=4, grid_prompts=1, loader_workers=0)
+    overlay["encode"]["loader_workers"] = 0  # worker processes are tested with the shapes world
     overlay["sampling"].update(steps=2)
     overlay["export"]["external_data_mb"] = 1  # the mini text path (6 MB) goes external too
     overlay["evaluate"].update(alignment_rows=16, denoise_batches=1)
@@ -214,8 +215,8 @@ def _sur(project: Path, *args: str, profile: str = "sd15") -> Ran:
 
 
 def test_every_stage_runs_through_the_sd15_profile(sd15_project):
-    """prepare -> embed -> train -> export -> evaluate on the SD1.5 architecture family."""
-    for stage in ("prepare", "embed", "train", "export"):
+    """prepare -> embed -> encode -> train -> export -> evaluate on the SD1.5 family."""
+    for stage in ("prepare", "embed", "encode", "train", "export"):
         done = _sur(sd15_project, stage)
         assert done.returncode == 0, f"{stage}\n{done.stdout}"
     summary = json.loads((sd15_project / "data/prepared/summary.json").read_text())
@@ -266,7 +267,7 @@ def test_the_doctor_runs_every_stage_and_projects_the_full_run(sd15_project, tmp
     assert done.returncode == 0, done.stdout
     report = json.loads(figures.read_text())
     stages = {stage["stage"]: stage for stage in report["stages"]}
-    assert list(stages) == ["prepare", "embed", "train", "export", "evaluate"]
+    assert list(stages) == ["prepare", "embed", "encode", "train", "export", "evaluate"]
     train = stages["train"]
     assert train["units"] == 2 and train["full_units"] == 2  # the profile's max_steps
     assert train["unit_scale"] == 2.0  # the dry run's batch 2, the profile's batch 4

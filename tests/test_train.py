@@ -12,49 +12,13 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
 from suradapter.config import load_params
-from suradapter.data.prepare import prepare_dataset
-from suradapter.data.shapes import generate_shapes_dataset
-from suradapter.teacher.embed import run_embed
 
 BIN = Path(sys.executable).parent
-
-
-@pytest.fixture(scope="module")
-def tiny_project(tmp_path_factory, repo_root) -> Path:
-    """A params file (profile tiny) whose data is 96 prepared shapes samples, embedded."""
-    root = tmp_path_factory.mktemp("train-project")
-    shutil.copytree(repo_root / "configs", root / "configs")
-    raw = yaml.safe_load((repo_root / "params.yaml").read_text())
-    raw["shapes"].update(num_samples=96, output_dir=str(root / "raw"))
-    raw["prepare"].update(source=str(root / "raw"), output_dir=str(root / "prepared"))
-    raw["embed"].update(
-        manifest=str(root / "prepared/manifest.parquet"), cache_dir=str(root / "cache")
-    )
-    raw["train"].update(
-        output_dir=str(root / "adapter"),
-        checkpoint_dir=str(root / "ckpt"),
-        max_steps=30,
-        batch_size=8,
-        warmup_steps=2,
-        checkpoint_every=10,
-        log_every=2,
-        tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
-        grid_prompts=2,
-    )
-    raw["sampling"].update(steps=2)
-    path = root / "params.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    params = load_params(path, profile="tiny")
-    generate_shapes_dataset(params.shapes, Path(params.shapes.output_dir))
-    prepare_dataset(params.prepare)
-    run_embed(params.embed)
-    return path
 
 
 def _params(path: Path, **train):
@@ -150,6 +114,7 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tiny_project, tmp_path):
+    """With the frozen cache, a loader worker and EMA on: the saved (EMA) weights are equal."""
     config = yaml.safe_load(tiny_project.read_text())
     runs = {}
     for name in ("straight", "killed"):
@@ -159,6 +124,9 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tiny_project, tmp_path)
             max_steps=200,
             checkpoint_every=20,
             log_every=10,
+            cache="auto",  # frozen outputs from the cache,
+            loader_workers=1,  # batches from a DataLoader worker,
+            ema_decay=0.9,  # and an EMA that must resume too
         )
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))

@@ -245,6 +245,33 @@ def embed(
     console.print(table)
 
 
+@app.command("encode")
+def encode(
+    ctx: typer.Context,
+    shard: str | None = typer.Option(
+        None, "--shard", help="Do share i of n ('i/n'); default from RANK/WORLD_SIZE or all."
+    ),
+) -> None:
+    """Cache the frozen VAE latent distributions and text states of the training split."""
+    from suradapter.frozen.encode import run_encode
+    from suradapter.model.zoo import BaseModelNotFoundError
+    from suradapter.teacher.embed import ShardSpec
+
+    params = ctx.obj.load()
+    if params.train.cache == "off":
+        Path(params.encode.cache_dir).mkdir(parents=True, exist_ok=True)
+        console.print("encode: train.cache is off; sur train runs the frozen parts every step")
+        return
+    try:
+        summary = run_encode(params, ShardSpec.parse(shard) if shard else None)
+    except (ValueError, FileNotFoundError, BaseModelNotFoundError) as err:
+        fail(str(err))
+    table = Table(title="encode", show_header=False)
+    for key, value in summary.as_dict().items():
+        table.add_row(key, str(value))
+    console.print(table)
+
+
 @app.command("train")
 def train(ctx: typer.Context) -> None:
     """Train the SUR-adapter on the frozen base (Accelerate; resumable; tracked in MLflow)."""

@@ -214,6 +214,21 @@ class EmbedParams(StrictModel):
     cache_dir: str = Field("data/teacher_cache", description="Root of the feature cache.")
 
 
+class EncodeParams(StrictModel):
+    cache_dir: str = Field(
+        "data/frozen_cache",
+        description="Root of the frozen-output cache (VAE latent distributions, text-encoder "
+        "states) that `sur encode` fills and `sur train` reads when train.cache is auto.",
+    )
+    batch_size: int = Field(32, ge=1, description="Images or texts per frozen forward pass.")
+    shard_size: int = Field(
+        1024, ge=1, description="Entries per safetensors shard (bounds memory)."
+    )
+    loader_workers: int = Field(
+        0, ge=0, description="DataLoader processes decoding images while the VAE runs (0 = inline)."
+    )
+
+
 class TrainParams(StrictModel):
     output_dir: str = Field("outputs/adapter", description="Where the trained adapter is saved.")
     checkpoint_dir: str = Field(".sur/train", description="Resumable Accelerate state.")
@@ -246,6 +261,22 @@ class TrainParams(StrictModel):
     experiment: str = Field("sur-adapter", description="MLflow experiment name.")
     grid_prompts: int = Field(
         6, ge=1, description="Narrative prompts in the logged base-vs-adapter image grid."
+    )
+    cache: Literal["auto", "off"] = Field(
+        "auto",
+        description="auto: read frozen text-encoder states and VAE latent distributions from "
+        "the encode cache (filling what is missing or damaged); off: run the text encoder and "
+        "VAE every step (needed when augmentation changes pixels).",
+    )
+    loader_workers: int = Field(
+        0, ge=0, description="DataLoader processes reading batches (0 = in the training process)."
+    )
+    ema_decay: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="EMA of the adapter weights (diffusers' EMAModel: decay min(d, (1+n)/(10+n)) "
+        "at update n); the EMA weights are saved, evaluated and exported. null = off.",
     )
 
 
@@ -474,6 +505,9 @@ class Params(StrictModel):
     )
     embed: EmbedParams = Field(
         default_factory=EmbedParams, description="The offline LLM (teacher) feature cache."
+    )
+    encode: EncodeParams = Field(
+        default_factory=EncodeParams, description="The frozen-output cache (sur encode)."
     )
     train: TrainParams = Field(
         default_factory=TrainParams, description="SUR-adapter training (Accelerate)."

@@ -119,6 +119,7 @@ def slice_params(params: Params, workdir: Path, source: Path, steps: int, batch:
     """The profile pointed at `workdir` for a dry run: same models, dtypes and losses; a
     slice's splits, `steps` optimiser steps, no MLflow and no shapes-world image sets."""
     prepared, cache = workdir / "prepared", workdir / "teacher_cache"
+    encode = params.encode.model_copy(update={"cache_dir": str(workdir / "frozen_cache")})
     manifest = str(prepared / "manifest.parquet")
     train = params.train.model_copy(
         update={
@@ -157,6 +158,7 @@ def slice_params(params: Params, workdir: Path, source: Path, steps: int, batch:
         update={
             "prepare": prepare,
             "embed": embed,
+            "encode": encode,
             "train": train,
             "export": export,
             "evaluate": evaluate,
@@ -199,6 +201,8 @@ def run_doctor(
 
     record(_prepare(dry, rows, full_rows))
     record(_embed(dry, full_rows, device))
+    if dry.train.cache == "auto":
+        record(_encode(dry, full_rows, device))
     record(_train(dry, params, device))
     record(_export(dry, device))
     evaluation, verdict = _evaluate(params, dry, device)
@@ -295,6 +299,23 @@ def _embed(dry: Params, full_rows: int, device: torch.device) -> StageFigures:
         "embed", summary.device, dry.embed.dtype, summary.computed, "prompt", per_row,
         summary.load_seconds, memory.peak, memory.kind, full_rows,
         f"{dry.embed.model}, layer {dry.embed.layer}; one process (n processes share it)",
+    )  # fmt: skip
+
+
+def _encode(dry: Params, full_rows: int, device: torch.device) -> StageFigures:
+    from suradapter.frozen.encode import run_encode
+
+    try:
+        summary, seconds, memory = _timed(device, lambda: run_encode(dry, device=device))
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        raise _stage_error("encode", err) from None
+    # per training row: its latent plus its two prompts' states (distinct texts only)
+    per_row = summary.seconds / max(1, summary.images)
+    share = summary.estimated_bytes / max(1, summary.images)
+    return StageFigures(
+        "encode", summary.device, summary.dtype, summary.images, "row", per_row,
+        seconds - summary.seconds, memory.peak, memory.kind, full_rows,
+        f"VAE latents + text states; ~{share * full_rows / 1e9:.1f} GB cache for all rows",
     )  # fmt: skip
 
 

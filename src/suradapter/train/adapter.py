@@ -14,6 +14,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,6 +27,14 @@ from tqdm import tqdm
 from suradapter.atomic import recover_dir, replace_dir, staging_dir
 from suradapter.config import Params, TrainParams
 from suradapter.data.prepare import prepared_resolution
+from suradapter.frozen.cache import LATENTS, TEXTS, FrozenCache
+from suradapter.frozen.encode import (
+    fill_frozen_cache,
+    latent_moments,
+    open_frozen_cache,
+    sample_latents,
+    text_states,
+)
 from suradapter.model.adapter import SURAdapter
 from suradapter.model.losses import (
     LossTerms,
@@ -38,7 +47,7 @@ from suradapter.model.losses import (
 from suradapter.model.specs import check_resolution
 from suradapter.model.zoo import load_base_from_params, native_resolution
 from suradapter.provenance import sha256_file
-from suradapter.teacher.embed import open_cache
+from suradapter.teacher.embed import ShardSpec, open_cache
 from suradapter.teacher.model import checked_teacher_dim
 from suradapter.train.checkpoints import (
     claim_checkpoints,
@@ -48,7 +57,14 @@ from suradapter.train.checkpoints import (
     save_checkpoint,
     write_log,
 )
-from suradapter.train.data import AdapterBatch, AdapterTrainingData
+from suradapter.train.data import (
+    AdapterBatch,
+    AdapterTrainingData,
+    draw_rows,
+    step_generator,
+    training_loader,
+)
+from suradapter.train.ema import load_ema, make_ema, save_ema
 
 LOSS_LOG = "loss_log.jsonl"
 LAUNCHER_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"  # set by `accelerate launch`
@@ -111,13 +127,25 @@ def step_loss(
     generator: torch.Generator,
     projection: nn.Module | None,
 ) -> LossTerms:
-    """The three SUR-adapter losses for one batch (on the adapter's device)."""
+    """The SUR-adapter losses for one batch (on the adapter's device).
+
+    Frozen outputs come from the batch when it carries them (train.cache auto), else from the
+    frozen text encoder and VAE; either way the latent is drawn from its distribution with
+    `generator`, then noise and timesteps, so both paths see the same random numbers.
+    """
     device = batch.narrative_ids.device
     with torch.no_grad():
-        narrative_states = frozen.text_encoder(batch.narrative_ids)[0].float()
-        keyword_states = frozen.text_encoder(batch.keyword_ids)[0].float()
-        latents = frozen.vae.encode(batch.pixels.to(frozen.vae.dtype)).latent_dist.sample()
-        latents = latents * frozen.vae.config.scaling_factor
+        if batch.narrative_states is None:
+            narrative_states = text_states(frozen.text_encoder, batch.narrative_ids)
+            keyword_states = text_states(frozen.text_encoder, batch.keyword_ids)
+        else:
+            narrative_states, keyword_states = batch.narrative_states, batch.keyword_states
+        narrative_states, keyword_states = narrative_states.float(), keyword_states.float()
+        if batch.latent_mean is None:
+            mean, logvar = latent_moments(frozen.vae, batch.pixels.to(frozen.vae.dtype))
+        else:
+            mean, logvar = batch.latent_mean, batch.latent_logvar
+        latents = sample_latents(mean, logvar, generator) * frozen.vae.config.scaling_factor
     out = adapter(narrative_states, batch.narrative_mask)
     model = adapter.module if hasattr(adapter, "module") else adapter
     teacher = batch.teacher.to(device)
@@ -172,7 +200,7 @@ def fit_mixer_statistics(
         for ids in (data.narrative_ids, data.keyword_ids):
             for chunk in rows.split(params.train.batch_size):
                 with torch.no_grad():
-                    yield text_encoder(ids[chunk].to(device))[0].float()
+                    yield text_states(text_encoder, ids[chunk].to(device)).float()
 
     return adapter.mixer.fit_statistics(states())
 
@@ -212,10 +240,11 @@ def make_accelerator(train: TrainParams) -> Accelerator:
     return accelerator
 
 
-def train_adapter(params: Params, on_log=None) -> TrainResult:
+def train_adapter(params: Params, on_log=None, on_step=None) -> TrainResult:
     """Train (or resume) the adapter; save it with `save_pretrained`; return a summary.
 
-    `on_log(record)` is called on the main process for each logged step.
+    `on_log(record)` is called on the main process for each logged step, `on_step(step)`
+    after every optimiser step (benches time the loop between these calls).
     """
     train = params.train
     accelerator = make_accelerator(train)
@@ -226,9 +255,12 @@ def train_adapter(params: Params, on_log=None) -> TrainResult:
     manifest = Path(params.embed.manifest)
     native = native_resolution(pipeline)
     check_resolution(prepared_resolution(manifest), native, params.base_model.id)
-    frozen = frozen_parts(pipeline, accelerator.device, weight_dtype)
     width = pipeline.text_encoder.config.hidden_size
     data = AdapterTrainingData(manifest, pipeline.tokenizer, open_cache(params.embed))
+    cache = None
+    if train.cache == "auto":
+        cache = frozen_cache_for_training(params, pipeline, data, accelerator)
+    frozen = frozen_parts(pipeline, accelerator.device, weight_dtype)
     teacher_dim = checked_teacher_dim(
         params.adapter.teacher_dim, data.teacher.shape[1], params.embed.model
     )
@@ -245,6 +277,7 @@ def train_adapter(params: Params, on_log=None) -> TrainResult:
     optimizer = make_optimizer(params, adapter)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(params))
     adapter, optimizer, schedule = accelerator.prepare(adapter, optimizer, schedule)
+    ema = make_ema(accelerator.unwrap_model(adapter), train.ema_decay)
 
     checkpoints = Path(train.checkpoint_dir)
     settings = run_settings(params, accelerator.num_processes, accelerator.mixed_precision)
@@ -255,6 +288,8 @@ def train_adapter(params: Params, on_log=None) -> TrainResult:
     start, resume_from = latest_checkpoint(checkpoints)
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
+        if ema is not None:
+            load_ema(ema, resume_from)
     accelerator.print(
         f"train: {accelerator.num_processes} process(es) on {accelerator.device}, mixed "
         f"precision {accelerator.mixed_precision}, starting at step {start} of {train.max_steps}"
@@ -271,22 +306,25 @@ def train_adapter(params: Params, on_log=None) -> TrainResult:
         unit="step",
         disable=not accelerator.is_local_main_process,
     )
+    batches = iter(training_loader(data, cache, train, start, rank, accelerator.device))
     for step in progress:
         for micro in range(accumulation):
-            seed = ((train.seed * 1_000_003 + step) * 64 + micro) * 1024 + rank
-            generator = torch.Generator().manual_seed(seed)
-            torch.manual_seed(seed)  # adapter dropout
-            rows = torch.randint(len(data), (train.batch_size,), generator=generator)
-            dropped = torch.rand(train.batch_size, generator=generator) < train.caption_dropout
-            batch = _to_device(data.batch(rows, dropped), accelerator.device)
+            generator = step_generator(train.seed, step, micro, rank)
+            draw_rows(generator, len(data), train)  # the loader drew these rows: same state
+            torch.manual_seed(generator.initial_seed())  # adapter dropout
+            batch = next(batches).to(accelerator.device)
             with accelerator.accumulate(adapter):
-                terms = step_loss(params, adapter, frozen, batch, dropped, generator, projection)
+                terms = step_loss(
+                    params, adapter, frozen, batch, batch.dropped, generator, projection
+                )
                 accelerator.backward(terms.total)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(adapter.parameters(), train.max_grad_norm)
                 optimizer.step()
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
+            if ema is not None and accelerator.sync_gradients:
+                ema.step(accelerator.unwrap_model(adapter).parameters())
         done = step + 1
         if done % train.log_every == 0 or done == train.max_steps:
             record = {"step": done, **terms.as_floats(), "lr": schedule.get_last_lr()[0]}
@@ -298,13 +336,20 @@ def train_adapter(params: Params, on_log=None) -> TrainResult:
                 if on_log:
                     on_log(record)
         if done % train.checkpoint_every == 0 or done == train.max_steps:
-            save_checkpoint(accelerator, checkpoints, done)
+            save_checkpoint(
+                accelerator, checkpoints, done, None if ema is None else partial(save_ema, ema)
+            )
+        if on_step:
+            on_step(done)
     accelerator.wait_for_everyone()
     output_dir = Path(train.output_dir)
     if accelerator.is_main_process:
         recover_dir(output_dir)
         staging = staging_dir(output_dir)
-        accelerator.unwrap_model(adapter).save_pretrained(staging)
+        trained = accelerator.unwrap_model(adapter)
+        if ema is not None:  # what is saved, evaluated and exported: the EMA weights
+            ema.copy_to(trained.parameters())
+        trained.save_pretrained(staging)
         replace_dir(staging, output_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -328,7 +373,7 @@ def run_settings(params: Params, num_processes: int, mixed_precision: str) -> di
     """
     bookkeeping = {
         "output_dir", "checkpoint_dir", "checkpoint_every", "log_every",
-        "tracking_uri", "experiment", "grid_prompts",
+        "tracking_uri", "experiment", "grid_prompts", "loader_workers",
     }  # fmt: skip
     return {
         "adapter": params.adapter.model_dump(),
@@ -347,20 +392,34 @@ def _training_code() -> dict[str, Path]:
     """The source files that define the training math (a change invalidates checkpoints)."""
     import sys
 
+    from suradapter.frozen import encode
     from suradapter.model import adapter as adapter_module
     from suradapter.model import losses
     from suradapter.train import data
 
-    modules = (adapter_module, losses, data, sys.modules[__name__])
+    modules = (adapter_module, losses, data, encode, sys.modules[__name__])
     return {module.__name__: Path(module.__file__) for module in modules}
 
 
-def _to_device(batch: AdapterBatch, device: torch.device) -> AdapterBatch:
-    return AdapterBatch(
-        narrative_ids=batch.narrative_ids.to(device),
-        narrative_mask=batch.narrative_mask.to(device),
-        keyword_ids=batch.keyword_ids.to(device),
-        keyword_mask=batch.keyword_mask.to(device),
-        pixels=batch.pixels.to(device),
-        teacher=batch.teacher.to(device),
+def frozen_cache_for_training(
+    params: Params, pipeline: StableDiffusionPipeline, data: AdapterTrainingData, accelerator
+) -> FrozenCache:
+    """The frozen-output cache, complete for `data`: each process fills its share of what is
+    missing or damaged (normally nothing: `sur encode` ran), then all reopen it."""
+    cache = open_frozen_cache(params, pipeline, accelerator.device)
+    shard = ShardSpec(accelerator.process_index, accelerator.num_processes)
+    summary = fill_frozen_cache(
+        cache, params, pipeline, data, accelerator.device, shard, say=accelerator.print
     )
+    accelerator.wait_for_everyone()
+    if summary.computed or accelerator.num_processes > 1:
+        cache = FrozenCache(Path(params.encode.cache_dir), cache.fingerprint)
+    missing = cache.missing(LATENTS, data.image_keys)
+    missing += cache.missing(TEXTS, [*data.narrative_keys, *data.keyword_keys])
+    if missing:
+        raise RuntimeError(f"frozen cache {cache.folder}: {len(missing)} entries still missing")
+    accelerator.print(
+        f"train: frozen outputs from {cache.folder} ({summary.cached_before} cached, "
+        f"{summary.computed} computed now)"
+    )
+    return cache

@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -59,12 +60,20 @@ def latest_checkpoint(folder: Path) -> tuple[int, Path | None]:
     return complete[-1] if complete else (0, None)
 
 
-def save_checkpoint(accelerator: Accelerator, folder: Path, step: int) -> None:
-    """Save state into checkpoint-<step>, mark it complete, keep only the newest ones."""
+def save_checkpoint(
+    accelerator: Accelerator,
+    folder: Path,
+    step: int,
+    save_extra: Callable[[Path], None] | None = None,
+) -> None:
+    """Save state into checkpoint-<step> (plus `save_extra(folder)` on the main process),
+    mark it complete, keep only the newest ones."""
     target = folder / f"checkpoint-{step}"
     accelerator.save_state(str(target))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if save_extra is not None:
+            save_extra(target)
         (target / DONE_MARKER).write_text(str(step))
         for _, old in _numbered(folder)[:-KEEP_CHECKPOINTS]:
             shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,1 @@
+"""The frozen-output cache: VAE latent distributions and text-encoder states, computed once."""
