@@ -125,10 +125,12 @@ def make_project_copy(repo: Path, repo_root: Path) -> tuple[Path, dict[str, str]
     return repo, env
 
 
-@pytest.fixture(scope="module")
-def tiny_project(tmp_path_factory, repo_root) -> Path:
-    """A params file (profile tiny) whose data is 96 prepared shapes samples, embedded (the
-    frozen-output cache is filled by the first run that needs it)."""
+def build_tiny_project(root: Path, repo_root: Path, train: dict, **sections: dict) -> Path:
+    """Write a params file (profile tiny) whose every data path lies under `root`: 96 shapes
+    samples, generated, prepared and embedded. `train` and `sections` update those sections.
+
+    Returns the params path. The frozen-output cache is filled by the first run that needs it.
+    """
     import shutil
 
     import yaml
@@ -138,7 +140,6 @@ def tiny_project(tmp_path_factory, repo_root) -> Path:
     from suradapter.data.shapes import generate_shapes_dataset
     from suradapter.teacher.embed import run_embed
 
-    root = tmp_path_factory.mktemp("train-project")
     shutil.copytree(repo_root / "configs", root / "configs")
     raw = yaml.safe_load((repo_root / "params.yaml").read_text())
     raw["shapes"].update(num_samples=96, output_dir=str(root / "raw"))
@@ -150,15 +151,14 @@ def tiny_project(tmp_path_factory, repo_root) -> Path:
     raw["train"].update(
         output_dir=str(root / "adapter"),
         checkpoint_dir=str(root / "ckpt"),
-        max_steps=30,
         batch_size=8,
         warmup_steps=2,
-        checkpoint_every=10,
-        log_every=2,
         tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
-        grid_prompts=2,
+        **train,
     )
     raw["sampling"].update(steps=2)
+    for section, values in sections.items():
+        raw[section].update(values)
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     params = load_params(path, profile="tiny")
@@ -166,3 +166,10 @@ def tiny_project(tmp_path_factory, repo_root) -> Path:
     prepare_dataset(params.prepare)
     run_embed(params.embed)
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_project(tmp_path_factory, repo_root) -> Path:
+    """The training tests' project (`build_tiny_project`): 30 steps, checkpoints every 10."""
+    train = {"max_steps": 30, "checkpoint_every": 10, "log_every": 2, "grid_prompts": 2}
+    return build_tiny_project(tmp_path_factory.mktemp("train-project"), repo_root, train)

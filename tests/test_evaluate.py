@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ import mlflow
 import pytest
 import torch
 import yaml
+from conftest import build_tiny_project
 
 from suradapter.config import GateParams, load_params
 from suradapter.evaluate.alignment import alignment_scores
@@ -100,43 +100,19 @@ def test_an_identity_adapter_fails_the_gates_of_every_profile(params_path, profi
 @pytest.fixture(scope="module")
 def eval_project(tmp_path_factory, repo_root) -> Path:
     """Tiny profile: 96 prepared shapes samples, embedded, and a 6-step adapter."""
-    from suradapter.data.prepare import prepare_dataset
-    from suradapter.data.shapes import generate_shapes_dataset
-    from suradapter.teacher.embed import run_embed
     from suradapter.train.adapter import train_adapter
 
     root = tmp_path_factory.mktemp("eval-project")
-    shutil.copytree(repo_root / "configs", root / "configs")
-    raw = yaml.safe_load((repo_root / "params.yaml").read_text())
-    raw["shapes"].update(num_samples=96, output_dir=str(root / "raw"))
-    raw["prepare"].update(source=str(root / "raw"), output_dir=str(root / "prepared"))
-    raw["embed"].update(
-        manifest=str(root / "prepared/manifest.parquet"), cache_dir=str(root / "cache")
-    )
-    raw["train"].update(
-        output_dir=str(root / "adapter"),
-        checkpoint_dir=str(root / "ckpt"),
-        max_steps=6,
-        batch_size=8,
-        warmup_steps=2,
-        tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
-    )
-    raw["sampling"].update(steps=2)
-    raw["evaluate"].update(
-        adapter_dir=str(root / "adapter"),
-        output_dir=str(root / "eval"),
-        images_per_combination=4,
-        denoise_batches=1,
-        alignment_rows=16,
-        grid_prompts=2,
-    )
-    path = root / "params.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    params = load_params(path, profile="tiny")
-    generate_shapes_dataset(params.shapes, Path(params.shapes.output_dir))
-    prepare_dataset(params.prepare)
-    run_embed(params.embed)
-    train_adapter(params)
+    evaluate = {
+        "adapter_dir": str(root / "adapter"),
+        "output_dir": str(root / "eval"),
+        "images_per_combination": 4,
+        "denoise_batches": 1,
+        "alignment_rows": 16,
+        "grid_prompts": 2,
+    }
+    path = build_tiny_project(root, repo_root, {"max_steps": 6}, evaluate=evaluate)
+    train_adapter(load_params(path, profile="tiny"))
     return path
 
 
