@@ -211,18 +211,36 @@ def _print_prepare_summary(summary: dict) -> None:
     console.print(table)
 
 
+SHARD_OPTION = typer.Option(
+    None, "--shard", help="Do share i of n ('i/n'); default from RANK/WORLD_SIZE or all."
+)
+
+
+def parsed_shard(shard: str | None):
+    """The `--shard i/n` of `sur embed` and `sur encode` (None: from RANK/WORLD_SIZE or all)."""
+    from suradapter.teacher.embed import ShardSpec
+
+    return ShardSpec.parse(shard) if shard else None
+
+
+def print_summary(title: str, summary: dict) -> None:
+    """A stage summary as a two-column table."""
+    table = Table(title=title, show_header=False)
+    for key, value in summary.items():
+        table.add_row(key, str(value))
+    console.print(table)
+
+
 @app.command("embed")
 def embed(
     ctx: typer.Context,
-    shard: str | None = typer.Option(
-        None, "--shard", help="Do share i of n ('i/n'); default from RANK/WORLD_SIZE or all."
-    ),
+    shard: str | None = SHARD_OPTION,
     merge_only: bool = typer.Option(
         False, "--merge-only", help="Only rebuild the index from all shards (after --shard runs)."
     ),
 ) -> None:
     """Compute teacher features for every prepared narrative prompt (cached, resumable)."""
-    from suradapter.teacher.embed import ShardSpec, open_cache, run_embed
+    from suradapter.teacher.embed import open_cache, run_embed
     from suradapter.teacher.model import TeacherNotFoundError
 
     params = ctx.obj.load().embed
@@ -235,27 +253,20 @@ def embed(
                 f"index rebuilt: {len(cache)} features in {len(cache.shard_files)} shards"
             )
             return
-        spec = ShardSpec.parse(shard) if shard else None
-        summary = run_embed(params, spec)
+        summary = run_embed(params, parsed_shard(shard))
     except (ValueError, FileNotFoundError, TeacherNotFoundError) as err:
         fail(str(err))
-    table = Table(title="embed", show_header=False)
-    for key, value in summary.as_dict().items():
-        table.add_row(key, str(value))
-    console.print(table)
+    print_summary("embed", summary.as_dict())
 
 
 @app.command("encode")
 def encode(
     ctx: typer.Context,
-    shard: str | None = typer.Option(
-        None, "--shard", help="Do share i of n ('i/n'); default from RANK/WORLD_SIZE or all."
-    ),
+    shard: str | None = SHARD_OPTION,
 ) -> None:
     """Cache the frozen VAE latent distributions and text states of the training split."""
     from suradapter.frozen.encode import run_encode
     from suradapter.model.zoo import BaseModelNotFoundError
-    from suradapter.teacher.embed import ShardSpec
 
     params = ctx.obj.load()
     if params.train.cache == "off":
@@ -263,13 +274,10 @@ def encode(
         console.print("encode: train.cache is off; sur train runs the frozen parts every step")
         return
     try:
-        summary = run_encode(params, ShardSpec.parse(shard) if shard else None)
+        summary = run_encode(params, parsed_shard(shard))
     except (ValueError, FileNotFoundError, BaseModelNotFoundError) as err:
         fail(str(err))
-    table = Table(title="encode", show_header=False)
-    for key, value in summary.as_dict().items():
-        table.add_row(key, str(value))
-    console.print(table)
+    print_summary("encode", summary.as_dict())
 
 
 @app.command("train")
