@@ -87,6 +87,35 @@ def test_training_lowers_the_losses(tiny_project):
     assert (root / "lowers" / "config.json").is_file()
 
 
+def test_with_ema_the_saved_adapter_holds_the_ema_weights(tiny_project):
+    """train.ema_decay on: what is saved (so evaluated and exported) is the EMA shadow of the
+    last checkpoint, not the raw weights the optimiser left."""
+    from suradapter.model.adapter import SURAdapter
+    from suradapter.train.adapter import train_adapter
+    from suradapter.train.ema import EMA_FILE
+
+    root = tiny_project.parent
+    params = _params(
+        tiny_project,
+        output_dir=str(root / "ema"),
+        checkpoint_dir=str(root / "ema-ckpt"),
+        max_steps=10,
+        ema_decay=0.9,
+    )
+    saved = SURAdapter.from_pretrained(train_adapter(params).output_dir)
+    checkpoint = root / "ema-ckpt" / "checkpoint-10"
+    shadows = load_file(str(checkpoint / EMA_FILE))
+    raw = load_file(str(checkpoint / "model.safetensors"))
+    weights = dict(saved.named_parameters())
+    assert len(shadows) == len(weights) > 0
+    moved = []
+    for index, (name, weight) in enumerate(weights.items()):
+        torch.testing.assert_close(weight.detach(), shadows[str(index)], rtol=0, atol=0)
+        if not torch.equal(shadows[str(index)], raw[name]):
+            moved.append(name)
+    assert moved, "the EMA shadow equals the raw weights: the EMA did nothing"
+
+
 def test_the_token_mixer_is_standardised_on_training_states_before_step_0(tiny_project):
     from suradapter.model.adapter import SURAdapter
     from suradapter.model.zoo import load_base_from_params
