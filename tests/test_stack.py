@@ -11,7 +11,6 @@ import socket
 import stat
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -85,9 +84,7 @@ def test_up_starts_all_services_healthy_and_is_idempotent(stack):
     )
     assert statuses["mlflow"].url == f"http://127.0.0.1:{stack.mlflow_port}"
     assert statuses["prefect"].url == f"http://127.0.0.1:{stack.prefect_port}"
-    started = time.monotonic()
-    again = up(stack)
-    assert time.monotonic() - started < 10
+    again = up(stack)  # the same processes, not restarted
     assert {item.note for item in again} == {"already running"}
     assert [item.pid for item in again] == [statuses[item.name].pid for item in again]
     buckets = s3_client(statuses["s3"].url, s3_credentials(StackPaths.of(stack.state_dir)))
