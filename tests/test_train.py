@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -233,6 +234,20 @@ def test_two_processes_train_one_adapter_in_the_launchers_precision(tiny_project
     assert claim["settings"]["mixed_precision"] == "bf16"
     weights = _weights(tmp_path / "ddp")
     assert all(torch.isfinite(t).all() for t in weights.values())
+    assert "train: weights identical on 2 processes" in result.stdout  # ranks did not drift
+    # Only rank 0 writes what is read later: one adapter, one loss per logged step, one run.
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == [
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+    ]
+    steps = [
+        json.loads(line)["step"]
+        for line in (tmp_path / "ddp-ckpt" / "loss_log.jsonl").read_text().splitlines()
+    ]
+    assert steps == sorted(set(steps)) and steps[-1] == 6
+    with sqlite3.connect(tmp_path / "ddp-mlflow.db") as db:  # the store MLflow wrote
+        runs = db.execute("SELECT run_uuid FROM runs").fetchall()
+    assert len(runs) == 1, runs
 
 
 def test_mlflow_run_has_params_metrics_plots_and_lineage(tiny_project):

@@ -10,6 +10,7 @@ weights as an uninterrupted one.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from diffusers.training_utils import compute_snr
 from torch import nn
@@ -342,6 +344,7 @@ def train_adapter(params: Params, on_log=None, on_step=None) -> TrainResult:
         if on_step:
             on_step(done)
     accelerator.wait_for_everyone()
+    check_ranks_agree(accelerator, accelerator.unwrap_model(adapter))
     output_dir = Path(train.output_dir)
     if accelerator.is_main_process:
         recover_dir(output_dir)
@@ -362,6 +365,21 @@ def train_adapter(params: Params, on_log=None, on_step=None) -> TrainResult:
         accelerator.mixed_precision,
         str(weight_dtype).removeprefix("torch."),
     )
+
+
+def check_ranks_agree(accelerator: Accelerator, model: nn.Module) -> None:
+    """Raise RuntimeError unless every process ends with the same weights (DDP keeps them
+    equal; a rank that drifted would make the saved adapter one rank's view)."""
+    digest = hashlib.sha256()
+    for tensor in model.state_dict().values():
+        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    digests = gather_object([digest.hexdigest()])
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"train: the processes ended with different weights: {digests}")
+    if accelerator.num_processes > 1:
+        accelerator.print(
+            f"train: weights identical on {len(digests)} processes ({digests[0][:12]})"
+        )
 
 
 def run_settings(params: Params, num_processes: int, mixed_precision: str) -> dict:
