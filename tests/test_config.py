@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import shutil
-import typing
 
 import pytest
 import yaml
 from pydantic import BaseModel
 
-from suradapter.config import Params, ParamsError, load_params
+from suradapter.config import Params, ParamsError, TokenMixerParams, load_params, params_section
 
 
 @pytest.fixture
@@ -58,6 +57,16 @@ def test_mistyped_value_names_key_and_file(params_copy):
         load_params(params_copy)
 
 
+def test_unknown_key_in_an_optional_section_lists_its_keys(params_copy):
+    """`adapter.token_mixer` is `TokenMixerParams | None`: its keys are still known."""
+    _edit(params_copy, lambda d: d["adapter"]["token_mixer"].update(hiden=32))
+    with pytest.raises(ParamsError) as err:
+        load_params(params_copy)
+    message = str(err.value)
+    assert "unknown key 'adapter.token_mixer.hiden' (did you mean 'hidden'?)" in message
+    assert "known: depth, fit_rows, hidden, token_hidden, tokens" in message
+
+
 def test_bad_key_in_an_overlay_names_the_overlay(params_copy):
     overlay = params_copy.parent / "configs" / "tiny.yaml"
     _edit(overlay, lambda d: d.update(loss={"denoise": {"gradiant": 1}}))
@@ -82,22 +91,15 @@ def test_missing_and_malformed_files(tmp_path):
         load_params(tmp_path / "params.yaml")
 
 
-def _section(annotation) -> type[BaseModel] | None:
-    """The params model of a field (also inside `X | None`), or None for a plain value."""
-    for candidate in (annotation, *typing.get_args(annotation)):
-        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-            return candidate
-    return None
-
-
 def _models(model: type[BaseModel]):
     yield model
     for field in model.model_fields.values():
-        if section := _section(field.annotation):
+        if section := params_section(field.annotation):
             yield from _models(section)
 
 
 def test_every_field_has_a_description():
+    assert TokenMixerParams in set(_models(Params))  # optional sections are walked too
     missing = [
         f"{model.__name__}.{name}"
         for model in _models(Params)
@@ -111,13 +113,18 @@ def test_params_file_sets_every_field_explicitly(params_path):
     """params.yaml is the complete default profile: nothing hides in code defaults."""
     raw = yaml.safe_load(params_path.read_text())
 
+    walked = []
+
     def walk(model: type[BaseModel], data: dict, prefix: str):
+        walked.append(model)
         for name, field in model.model_fields.items():
             assert name in data, f"params.yaml lacks '{prefix}{name}'"
-            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-                walk(field.annotation, data[name], f"{prefix}{name}.")
+            section = params_section(field.annotation)
+            if section and data[name] is not None:  # null: an optional section left out
+                walk(section, data[name], f"{prefix}{name}.")
 
     walk(Params, raw, "")
+    assert TokenMixerParams in walked  # params.yaml states the token mixer's keys too
 
 
 def test_the_profile_key_of_the_params_file_applies_its_overlay(params_copy, monkeypatch):
@@ -141,7 +148,7 @@ def _unset_keys(model: type[BaseModel], data, prefix: str) -> list[str]:
     for name, field in model.model_fields.items():
         if name not in data:
             missing.append(f"{prefix}{name}")
-        elif section := _section(field.annotation):
+        elif section := params_section(field.annotation):
             missing += _unset_keys(section, data[name], f"{prefix}{name}.")
     return missing
 

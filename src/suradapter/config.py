@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import difflib
 import os
+import types
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -179,6 +181,12 @@ class PrepareParams(StrictModel):
     min_image_size: int = Field(16, ge=1, description="Smaller source images are quarantined.")
     max_prompt_chars: int = Field(
         1000, ge=1, description="Longer narrative or keyword prompts are quarantined."
+    )
+    max_image_pixels: int = Field(
+        4_194_304,
+        ge=1,
+        description="Images whose header declares more pixels (width x height) are quarantined "
+        "before decoding (decompression bombs); PIL's own limit (~179M) applies above it.",
     )
     max_bad_fraction: float = Field(
         0.2, ge=0.0, le=1.0, description="Fail the stage when more rows than this are bad."
@@ -620,14 +628,21 @@ def _has_path(tree: Mapping[str, Any], loc: tuple[Any, ...]) -> bool:
     return True
 
 
+def params_section(annotation: Any) -> type[BaseModel] | None:
+    """Return the params model a field holds, also an optional one (`TokenMixerParams | None`);
+    None for a plain value."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    for candidate in typing.get_args(annotation) if union else (annotation,):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
 def _section_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    model: type[BaseModel] = Params
+    model: type[BaseModel] | None = Params
     for part in loc:
-        field = model.model_fields.get(str(part))
-        annotation = field.annotation if field else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return None
-        model = annotation
+        field = model.model_fields.get(str(part)) if model else None
+        model = params_section(field.annotation) if field else None
     return model
 
 

@@ -9,11 +9,16 @@ Output folder layout:
 The split is a pure function of the sample id, so adding rows never moves an existing row;
 rows marked held out (shapes world) never go to `train`.
 
+Reproducible: the output is a function of the source bytes and the params alone (no mtimes,
+no paths of this machine, rows in metadata order, deterministic Parquet and PNG bytes), so a
+touched or moved source prepares to the same bytes and DVC reruns nothing downstream.
+
 Incremental and crash-safe: images are immutable and named by content hash and resolution,
 each written through a temp file and a rename, so a previous manifest never points at a
 changed or half-written image. The report files are staged and renamed into place with the
 manifest last; images no manifest refers to are pruned only after that. A source image whose
-size, mtime and texts match the previous run is neither re-read nor re-decoded.
+size, mtime and texts match the previous run is neither re-read nor re-decoded: that memo is
+`<output_dir>.reuse-memo.json`, beside the output and never part of it.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import os
 import shutil
 import sys
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +47,8 @@ from suradapter.data.surd import (
     Quarantined,
     SurdSample,
     ValidationLimits,
+    content_hash,
+    decode_rgb,
     metadata_path,
     read_surd,
 )
@@ -52,6 +59,10 @@ SUMMARY_FILE = "summary.json"
 IMAGES_DIR = "images"
 STAGING_PREFIX = ".staging-"
 REJECTED_QUARANTINE_SUFFIX = ".rejected-quarantine.jsonl"
+MEMO_SUFFIX = ".reuse-memo.json"
+MEMO_VERSION = 1
+# Bump when normalise_image changes its pixels: images of an older recipe are then rewritten.
+IMAGE_RECIPE = 2  # 2: EXIF orientation, alpha on white, 16-bit greys scaled, no metadata
 SPLITS = ("train", "val", "test")
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -66,7 +77,6 @@ MANIFEST_SCHEMA = pa.schema(
         ("source_line", pa.int64()),
         ("source_file", pa.string()),
         ("source_size", pa.int64()),
-        ("source_mtime_ns", pa.int64()),
         ("attributes", pa.string()),
     ]
 )
@@ -98,6 +108,11 @@ class PrepareSummary:
             "splits": {name: self.splits.get(name, 0) for name in SPLITS},
         }
 
+    def record(self, resolution: int) -> dict[str, Any]:
+        """Return what `summary.json` holds: `as_dict` less what depends on earlier runs."""
+        counts = {key: value for key, value in self.as_dict().items() if key != "reused"}
+        return {**counts, "resolution": resolution, "image_recipe": IMAGE_RECIPE}
+
 
 def assign_split(sample_id: str, heldout: str, val_fraction: float, test_fraction: float) -> str:
     """Return the split of a sample from its id alone; held-out rows go to val or test only."""
@@ -111,13 +126,13 @@ def assign_split(sample_id: str, heldout: str, val_fraction: float, test_fractio
     return "train"
 
 
-def normalise_image(image_bytes: bytes, resolution: int) -> Image.Image:
-    """Return an RGB image of side `resolution`: centre-cropped to square, then resized.
+def normalise_image(image_bytes: bytes, resolution: int, name: str = "image") -> Image.Image:
+    """Return an RGB image of side `resolution`: upright and flattened (`decode_rgb`),
+    centre-cropped to square, then resized. Raises ValueError on unreadable bytes.
 
-    An image already at that size is returned pixel for pixel.
+    An RGB image already at that size is returned pixel for pixel.
     """
-    with Image.open(io.BytesIO(image_bytes)) as source:
-        image = source.convert("RGB")
+    image = decode_rgb(image_bytes, name)
     width, height = image.size
     if (width, height) == (resolution, resolution):
         return image
@@ -169,7 +184,7 @@ def prepare_dataset(
     staging = out_dir / f"{STAGING_PREFIX}{os.getpid()}"
     staging.mkdir()
     try:
-        summary, rows = _build(params, source, out_dir, staging, limit)
+        summary, rows, memo = _build(params, source, out_dir, staging, limit)
         if summary.bad_fraction > params.max_bad_fraction:
             rejected = out_dir.with_name(out_dir.name + REJECTED_QUARANTINE_SUFFIX)
             shutil.copyfile(staging / QUARANTINE_FILE, rejected)
@@ -178,19 +193,29 @@ def prepare_dataset(
             os.replace(staging / name, out_dir / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    _write_memo(out_dir, memo)
     _prune_images(out_dir, {row["image_path"] for row in rows})
     return summary
 
 
+def memo_path(out_dir: Path) -> Path:
+    """Return the reuse memo of `out_dir`: beside it, so it never enters the output's hash."""
+    return out_dir.with_name(out_dir.name + MEMO_SUFFIX)
+
+
 def _build(
     params: PrepareParams, source: Path, out_dir: Path, staging: Path, limit: int | None
-) -> tuple[PrepareSummary, list[dict[str, Any]]]:
-    limits = ValidationLimits(params.max_prompt_chars, params.min_image_size)
-    known = _previous_sources(out_dir, source)
-    existing = {f"{IMAGES_DIR}/{name}" for name in os.listdir(out_dir / IMAGES_DIR)}
+) -> tuple[PrepareSummary, list[dict[str, Any]], dict[str, KnownImage]]:
+    limits = ValidationLimits(
+        params.max_prompt_chars, params.min_image_size, params.max_image_pixels
+    )
+    known = _read_memo(out_dir)
+    existing = _reusable_images(out_dir)
     summary = PrepareSummary()
     rows: list[dict[str, Any]] = []
-    with (staging / QUARANTINE_FILE).open("w", encoding="utf-8") as quarantine:
+    memo: dict[str, KnownImage] = {}
+    quarantine_file = staging / QUARANTINE_FILE  # backslashreplace: undecodable file names
+    with quarantine_file.open("w", encoding="utf-8", errors="backslashreplace") as quarantine:
         items = itertools.islice(read_surd(source, limits, known=known), limit)
         total = min(count_rows(source), limit or sys.maxsize)
         for item in tqdm(items, desc="prepare", unit="row", total=total):
@@ -203,20 +228,32 @@ def _build(
             if row["image_path"] in existing:
                 summary.reused += 1
             else:
-                _write_image(item, out_dir / row["image_path"], params.resolution)
+                _write_image(item, out_dir, row["image_path"], params.resolution)
+                existing.add(row["image_path"])
             summary.kept += 1
             summary.splits[row["split"]] += 1
             rows.append(row)
-    pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), staging / MANIFEST_FILE)
-    record = {**summary.as_dict(), "source": str(source), "resolution": params.resolution}
+            memo[item.image_path] = item.known()
+    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+    pq.write_table(table, staging / MANIFEST_FILE, compression="snappy")  # no times in Parquet
+    record = summary.record(params.resolution)
     (staging / SUMMARY_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    return summary, rows
+    return summary, rows, memo
 
 
-def _write_image(sample: SurdSample, path: Path, resolution: int) -> None:
+def _write_image(sample: SurdSample, out_dir: Path, relpath: str, resolution: int) -> None:
+    """Normalise the sample's image into `out_dir/relpath`. Raises PrepareError when the source
+    no longer has the content validated (changed meanwhile, or edited keeping size and mtime)."""
+    image_bytes = Path(sample.image_path).read_bytes()
+    if content_hash(sample.text, sample.prompt, image_bytes) != sample.sample_id:
+        memo_path(out_dir).unlink(missing_ok=True)  # the next run re-reads every image
+        raise PrepareError(
+            f"SURD image '{sample.file_name}' (line {sample.line}) changed while prepare ran, "
+            "or was edited keeping its size and mtime: run `sur prepare` again"
+        )
     buffer = io.BytesIO()
-    normalise_image(Path(sample.image_path).read_bytes(), resolution).save(buffer, format="PNG")
-    atomic_write_bytes(path, buffer.getvalue(), durable=False)
+    normalise_image(image_bytes, resolution, sample.file_name).save(buffer, format="PNG")
+    atomic_write_bytes(out_dir / relpath, buffer.getvalue(), durable=False)
 
 
 def _manifest_row(sample: SurdSample, params: PrepareParams) -> dict[str, Any]:
@@ -233,24 +270,33 @@ def _manifest_row(sample: SurdSample, params: PrepareParams) -> dict[str, Any]:
         "source_line": sample.line,
         "source_file": sample.file_name,
         "source_size": sample.file_size,
-        "source_mtime_ns": sample.file_mtime_ns,
         "attributes": json.dumps(sample.attributes, sort_keys=True, ensure_ascii=False),
     }
 
 
-def _previous_sources(out_dir: Path, source: Path) -> dict[str, KnownImage]:
-    """Return file_name -> what the previous run (of the same source) saw, or {}."""
-    manifest, summary = out_dir / MANIFEST_FILE, out_dir / SUMMARY_FILE
-    if not (manifest.is_file() and summary.is_file()):
+def _reusable_images(out_dir: Path) -> set[str]:
+    """The `image_path`s already in `out_dir` that the current image recipe made."""
+    summary = out_dir / SUMMARY_FILE
+    if not summary.is_file() or json.loads(summary.read_text()).get("image_recipe") != IMAGE_RECIPE:
+        return set()
+    return {f"{IMAGES_DIR}/{name}" for name in os.listdir(out_dir / IMAGES_DIR)}
+
+
+def _read_memo(out_dir: Path) -> dict[str, KnownImage]:
+    """Return real image path -> what the last run saw, or {} (no memo, or another version)."""
+    try:
+        memo = json.loads(memo_path(out_dir).read_text())
+        if memo.get("version") != MEMO_VERSION:
+            return {}
+        return {path: KnownImage(*values) for path, values in memo["images"].items()}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):  # absent or damaged
         return {}
-    if json.loads(summary.read_text()).get("source") != str(source):
-        return {}
-    columns = ["source_file", "source_size", "source_mtime_ns", "text", "prompt", "sample_id"]
-    table = pq.read_table(manifest, columns=[*columns, "width", "height"]).to_pydict()
-    return {
-        values[0]: KnownImage(*values[1:])
-        for values in zip(*(table[name] for name in [*columns, "width", "height"]), strict=True)
-    }
+
+
+def _write_memo(out_dir: Path, memo: dict[str, KnownImage]) -> None:
+    images = {path: astuple(known) for path, known in memo.items()}
+    data = json.dumps({"version": MEMO_VERSION, "images": images})  # ASCII: any path fits
+    atomic_write_bytes(memo_path(out_dir), data.encode(), durable=False)
 
 
 def _prune_images(out_dir: Path, keep: set[str]) -> None:
