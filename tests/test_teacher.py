@@ -1,5 +1,7 @@
 """Teacher features: the hook reads the right (pre-norm) layer, pooling ignores padding and
-batch mates, and the cache is content-addressed, resumable after SIGKILL and shardable."""
+batch mates, and the cache is content-addressed, resumable after SIGKILL and shardable; it
+heals (a damaged index is rebuilt, a damaged or non-finite shard is removed and recomputed,
+never served) and concurrent writers never overwrite each other."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,11 +21,18 @@ import pytest
 import torch
 import yaml
 from safetensors import safe_open
+from safetensors.torch import save
 from transformers import LlamaConfig, LlamaModel
 
 from suradapter.config import EmbedParams
-from suradapter.teacher.cache import TeacherCache, fingerprint_id, text_key
-from suradapter.teacher.embed import ShardSpec, run_embed
+from suradapter.teacher.cache import (
+    DamagedCacheError,
+    TeacherCache,
+    TeacherCacheWarning,
+    fingerprint_id,
+    text_key,
+)
+from suradapter.teacher.embed import ShardSpec, compute_missing, open_cache, run_embed
 from suradapter.teacher.model import (
     Teacher,
     extract_features,
@@ -265,3 +275,261 @@ def test_counts_are_logged_to_an_active_mlflow_run(tmp_path):
     logged = mlflow.get_run(run.info.run_id).data.metrics
     assert logged["embed_computed"] == 12 and logged["embed_distinct"] == 12
     mlflow.set_tracking_uri(None)
+
+
+# --- The cache heals: damaged index or shards are rebuilt / removed and recomputed, never served.
+
+
+def _embedded(tmp_path: Path, count: int = 20, shard_size: int = 8) -> tuple[EmbedParams, Path]:
+    params = EmbedParams(cache_dir=str(tmp_path / "cache"), shard_size=shard_size, batch_size=8)
+    run_embed(params, texts=_texts(count))
+    return params, Path(params.cache_dir) / fingerprint_id(_namespace(params))
+
+
+def _shard_rows(shard: Path) -> tuple[list[str], torch.Tensor]:
+    with safe_open(str(shard), framework="pt") as handle:
+        return json.loads(handle.metadata()["keys"]), handle.get_tensor("features")
+
+
+def _reopen(params: EmbedParams) -> TeacherCache:
+    """A fresh open that must find nothing to heal (no warning)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TeacherCacheWarning)
+        return TeacherCache(Path(params.cache_dir), _namespace(params))
+
+
+def _training_manifest(path: Path, texts: list[str]) -> Path:
+    rows = {
+        "sample_id": [text_key(f"image {i}") for i in range(len(texts))],
+        "text": texts,
+        "prompt": ["a keyword prompt"] * len(texts),
+        "image_path": [f"images/{i}.png" for i in range(len(texts))],
+        "split": ["train"] * len(texts),
+    }
+    pq.write_table(pa.table(rows), path)
+    return path
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing", "wrong rows"])
+def test_damaged_index_is_rebuilt_and_embed_and_training_read(tmp_path, tiny_pipeline, damage):
+    from suradapter.train.data import AdapterTrainingData
+
+    params, folder = _embedded(tmp_path)
+    index = folder / "index.json"
+    saved = index.read_bytes()
+    open_cache(params)
+    assert index.read_bytes() == saved, "a sound index is left alone (DVC sees no change)"
+    record = json.loads(saved)
+    if damage == "truncated":
+        index.write_bytes(index.read_bytes()[: len(index.read_bytes()) // 2])
+    elif damage == "missing":
+        index.unlink()
+    else:  # the shard list is right, the rows are not: it must not be trusted either
+        keys = list(record["entries"])
+        first, second = record["entries"][keys[0]], record["entries"][keys[1]]
+        record["entries"][keys[0]], record["entries"][keys[1]] = second, first
+        index.write_text(json.dumps(record))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cache = open_cache(params)
+    if damage == "truncated":
+        assert any("index.json is unreadable" in str(w.message) for w in caught)
+    assert len(cache) == 20
+    rewritten = json.loads(index.read_text())["entries"]
+    assert {key: tuple(place) for key, place in rewritten.items()} == cache.index
+    assert _reopen(params).index == cache.index
+    assert run_embed(params, texts=_texts(20)).computed == 0
+    texts = _texts(20)
+    manifest = _training_manifest(tmp_path / "manifest.parquet", texts)
+    data = AdapterTrainingData(manifest, tiny_pipeline.tokenizer, open_cache(params))
+    expected = extract_features(load_teacher(params), texts)
+    torch.testing.assert_close(data.teacher[:20], expected, rtol=0, atol=1e-5)
+
+
+def test_truncated_shard_is_removed_and_recomputed_by_sur_embed(tmp_path, repo_root):
+    texts = _texts(40)
+    params_path = _project(tmp_path, repo_root, texts, shard_size=10, batch_size=10)
+    command = [SUR, "--params", str(params_path), "embed"]
+    subprocess.run(command, check=True, capture_output=True, timeout=300)
+    shards = _shards(tmp_path / "cache")
+    assert len(shards) == 4
+    damaged, kept = shards[0], shards[1:]
+    lost_keys, _ = _shard_rows(damaged)
+    kept_bytes = {shard: shard.read_bytes() for shard in kept}
+    damaged.write_bytes(damaged.read_bytes()[:-700])  # a copy cut short
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"removed damaged shard shards/{damaged.name}" in result.stderr
+    assert "does not match its name" in result.stderr
+    digest = hashlib.sha256(damaged.read_bytes()).hexdigest()  # the same texts, the same bytes
+    assert damaged.name == f"main-{digest}.safetensors", "rewritten whole"
+    for shard, blob in kept_bytes.items():  # the good shards were neither rewritten nor lost
+        assert shard.read_bytes() == blob
+    params = EmbedParams(**yaml.safe_load(params_path.read_text())["embed"])
+    cache = _reopen(params)
+    assert set(cache.index) == {text_key(t) for t in texts}
+    rows = sum(len(_shard_rows(shard)[0]) for shard in _shards(tmp_path / "cache"))
+    assert rows == 40, "only the lost shard's texts are computed again"
+    by_key = {text_key(t): t for t in texts}
+    expected = extract_features(load_teacher(params), [by_key[k] for k in lost_keys])
+    torch.testing.assert_close(cache.get(lost_keys), expected, rtol=0, atol=1e-5)
+
+
+def _flip_a_feature_byte(shard: Path) -> None:
+    blob = bytearray(shard.read_bytes())
+    blob[-3] ^= 0x01  # a low mantissa bit of the last feature: still a plausible number
+    shard.write_bytes(bytes(blob))
+
+
+def test_flipped_bytes_are_detected_never_served_and_recomputed(tmp_path):
+    params, folder = _embedded(tmp_path)
+    damaged = sorted((folder / "shards").glob("*.safetensors"))[0]
+    keys, features = _shard_rows(damaged)
+    _flip_a_feature_byte(damaged)
+    with pytest.warns(TeacherCacheWarning, match=f"{damaged.name} .*does not match its name"):
+        cache = open_cache(params)
+    assert not damaged.exists() and cache.missing(keys) == keys
+    with pytest.raises(KeyError, match=f"run `sur embed`; removed as damaged: .*{damaged.name}"):
+        cache.get(keys)
+    again = run_embed(params, texts=_texts(20))
+    assert (again.computed, again.damaged_removed) == (len(keys), 0)
+    torch.testing.assert_close(_reopen(params).get(keys), features, rtol=0, atol=1e-5)
+
+    cache = open_cache(params)  # damaged after the cache was opened: still never served
+    shard_name, _ = cache.index[keys[0]]
+    _flip_a_feature_byte(folder / "shards" / shard_name)
+    with (
+        pytest.warns(TeacherCacheWarning, match=shard_name),
+        pytest.raises(DamagedCacheError, match=f"{shard_name} failed verification"),
+    ):
+        cache.get(keys)
+    assert not (folder / "shards" / shard_name).exists() and keys[0] not in cache
+
+
+def test_non_finite_features_are_never_written_nor_served(tmp_path):
+    params, folder = _embedded(tmp_path)
+    cache = open_cache(params)
+    before = sorted(p.name for p in (folder / "shards").iterdir())
+    nan = torch.zeros(2, 384)
+    nan[1, 7] = float("nan")
+    with pytest.raises(ValueError, match="refusing to cache 1 non-finite"):
+        cache.write_shard("main", ["k0", "k1"], nan)
+    with pytest.raises(ValueError, match="non-finite"):
+        cache.write_shard("main", ["k0"], torch.full((1, 384), float("inf")))
+    assert sorted(p.name for p in (folder / "shards").iterdir()) == before
+
+    # A consistent rewrite: valid bytes, named by their own digest, but a NaN feature.
+    original = sorted((folder / "shards").glob("*.safetensors"))[0]
+    keys, features = _shard_rows(original)
+    poisoned = features.clone()
+    poisoned[2, 5] = float("nan")
+    blob = save({"features": poisoned}, metadata={"keys": json.dumps(keys)})
+    rewritten = original.with_name(f"main-{hashlib.sha256(blob).hexdigest()}.safetensors")
+    rewritten.write_bytes(blob)
+    original.unlink()
+    with pytest.warns(TeacherCacheWarning, match=f"{rewritten.name} .*non-finite"):
+        cache = open_cache(params)
+    assert not rewritten.exists()
+    with pytest.raises(KeyError, match="not in the teacher cache"):
+        cache.get(keys)  # what training does: loud, no NaN handed over
+    assert run_embed(params, texts=_texts(20)).computed == len(keys)
+    served = _reopen(params).get([text_key(t) for t in _texts(20)])
+    assert torch.isfinite(served).all()
+    torch.testing.assert_close(_reopen(params).get(keys), features, rtol=0, atol=1e-5)
+
+
+def test_a_teacher_giving_nan_stops_embed_and_caches_no_nan(tmp_path):
+    params = EmbedParams(cache_dir=str(tmp_path / "cache"), shard_size=4, batch_size=4)
+    teacher = load_teacher(params)
+    poison = teacher.tokenizer("zebra", add_special_tokens=False)["input_ids"][0]
+    with torch.no_grad():
+        teacher.model.get_input_embeddings().weight[poison] = float("nan")
+    texts = [*_texts(12), "a zebra of coins"]
+    cache = TeacherCache(Path(params.cache_dir), teacher.fingerprint)
+    by_key = {text_key(t): t for t in texts}
+    with pytest.raises(ValueError, match=r"non-finite features .*'a zebra of coins'"):
+        compute_missing(teacher, cache, by_key, params, ShardSpec())
+    reopened = _reopen(params)  # every shard on disk verified (finite) on open
+    assert text_key("a zebra of coins") not in reopened
+    assert len(reopened) > 0, "the good batches before the bad one are kept"
+    assert torch.isfinite(reopened.get(list(reopened.index))).all()
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_writers_never_overwrite_or_delete_each_others_shards(tmp_path):
+    namespace = _namespace(EmbedParams())
+    root = tmp_path / "cache"
+    first = TeacherCache(root, namespace)
+    shards = [
+        first.write_shard("main", [f"a{i}-{row}" for row in range(3)], torch.randn(3, 384))
+        for i in range(3)
+    ]
+    shards[0].unlink()  # e.g. removed as damaged: the next writer must not reuse a name
+    kept = {shard: shard.read_bytes() for shard in shards[1:]}
+    live = root / fingerprint_id(namespace) / "shards" / f".main-x.safetensors.tmp-{os.getpid()}"
+    live.write_bytes(b"a live writer, mid-shard")
+    dead = live.with_name(f".main-y.safetensors.tmp-{_dead_pid()}")
+    dead.write_bytes(b"a writer that was killed mid-shard")
+    second = TeacherCache(root, namespace)  # a second writer opens the same cache
+    assert live.exists() and not dead.exists()
+    other = second.write_shard("main", [f"b-{row}" for row in range(3)], torch.randn(3, 384))
+    also = first.write_shard("main", [f"c-{row}" for row in range(3)], torch.randn(3, 384))
+    assert len({other, also, *kept}) == 4
+    for shard, blob in kept.items():
+        assert shard.read_bytes() == blob
+    keys = {f"{p}-{row}" for p in ("a1", "a2", "b", "c") for row in range(3)}
+    assert set(TeacherCache(root, namespace).index) == keys
+
+
+def test_two_unsharded_embed_runs_on_one_cache_keep_every_row(tmp_path, repo_root):
+    texts = _texts(240)
+    halves = [texts[:120], texts[120:]]
+    projects = [
+        _project(tmp_path / f"run{i}", repo_root, half, shard_size=10, batch_size=10)
+        for i, half in enumerate(halves)
+    ]
+    cache_dir = tmp_path / "shared-cache"
+    for path in projects:  # both runs fill one cache
+        params = yaml.safe_load(path.read_text())
+        params["embed"]["cache_dir"] = str(cache_dir)
+        path.write_text(yaml.safe_dump(params))
+    runs = [
+        subprocess.Popen(
+            [SUR, "--params", str(path), "embed"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for path in projects
+    ]
+    for run in runs:
+        assert run.wait(timeout=300) == 0, run.stderr.read()
+    shards = _shards(cache_dir)
+    assert len(shards) == 24 and {shard.name.split("-")[0] for shard in shards} == {"main"}
+    params = EmbedParams(cache_dir=str(cache_dir))
+    cache = _reopen(params)
+    assert set(cache.index) == {text_key(t) for t in texts}
+    assert sum(len(_shard_rows(shard)[0]) for shard in shards) == 240
+    assert torch.isfinite(cache.get([text_key(t) for t in texts])).all()
+
+
+def test_legacy_numbered_shards_are_adopted_when_sound(tmp_path):
+    params, folder = _embedded(tmp_path)
+    shards = sorted((folder / "shards").glob("*.safetensors"))
+    lost_keys, _ = _shard_rows(shards[0])
+    for number, shard in enumerate(shards):  # the naming before content addressing
+        shard.rename(shard.with_name(f"main-{number:05d}.safetensors"))
+    legacy = folder / "shards" / "main-00000.safetensors"
+    legacy.write_bytes(legacy.read_bytes()[:-700])
+    with pytest.warns(TeacherCacheWarning, match="main-00000.safetensors .*unreadable"):
+        cache = open_cache(params)
+    names = [p.name for p in (folder / "shards").glob("*.safetensors")]
+    assert sorted(names) == [p.name for p in shards[1:]]  # renamed back to their digests
+    assert cache.missing(text_key(t) for t in _texts(20)) == lost_keys
+    assert run_embed(params, texts=_texts(20)).computed == len(lost_keys)
+    assert len(_reopen(params)) == 20

@@ -53,3 +53,24 @@ def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
             handle.flush()
             os.fsync(handle.fileno())
     temp.replace(path)
+
+
+def remove_dead_temp_files(folder: Path) -> None:
+    """Remove the temp files of `atomic_write_bytes` whose writer died before its rename.
+
+    A live writer's file (its pid still runs on this host) is left alone.
+    """
+    for temp in folder.glob(".*.tmp-*"):
+        if not _writer_alive(temp):
+            temp.unlink(missing_ok=True)
+
+
+def _writer_alive(temp: Path) -> bool:
+    """Whether the process that owns temp file `.<name>.tmp-<pid>` still runs (on this host)."""
+    try:
+        os.kill(int(temp.name.rsplit("-", 1)[1]), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True

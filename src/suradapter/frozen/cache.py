@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from suradapter.atomic import atomic_write_bytes
+from suradapter.atomic import atomic_write_bytes, remove_dead_temp_files
 from suradapter.teacher.cache import fingerprint_id
 
 LATENTS = "latents"
@@ -98,9 +97,7 @@ class FrozenCache:
 
     def _scan(self, kind: str) -> None:
         folder = self.folder / kind
-        for temp in folder.glob(".*.tmp-*"):
-            if not _writer_alive(temp):  # it died mid-shard: never renamed, never used
-                temp.unlink(missing_ok=True)
+        remove_dead_temp_files(folder)  # a writer died mid-shard: never renamed, never used
         for shard in sorted(folder.glob("*.safetensors")):
             problem = _shard_problem(shard)
             if problem:
@@ -111,17 +108,6 @@ class FrozenCache:
                 keys = json.loads(handle.metadata()["keys"])
             for row, key in enumerate(keys):
                 self.index[kind].setdefault(key, (shard.name, row))
-
-
-def _writer_alive(temp: Path) -> bool:
-    """Whether the process that owns temp file `.<name>.tmp-<pid>` still runs (on this host)."""
-    try:
-        os.kill(int(temp.name.rsplit("-", 1)[1]), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _shard_problem(shard: Path) -> str | None:

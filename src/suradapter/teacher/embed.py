@@ -4,7 +4,10 @@ Only texts not yet in the cache are computed, each distinct text once. Work is s
 token length and cut into batches (length bucketing: little padding), run under
 `torch.inference_mode`, and flushed to a new shard every `shard_size` features, so a killed
 run loses at most one unflushed shard. `--shard i/n` (or torchrun/accelerate's RANK and
-WORLD_SIZE) splits the texts by hash across processes; their shards merge by index.
+WORLD_SIZE) splits the texts by hash across processes; their shards merge by index. Shards
+are named by their content, so concurrent runs never overwrite each other; a shard found
+damaged when the cache opens is removed and its texts are computed again here. A batch whose
+features are not finite stops the run (nothing of it is written).
 """
 
 from __future__ import annotations
@@ -20,7 +23,13 @@ from tqdm import tqdm
 
 from suradapter.config import EmbedParams
 from suradapter.devices import process_device
-from suradapter.teacher.cache import TeacherCache, record_namespace, recorded_namespace, text_key
+from suradapter.teacher.cache import (
+    TeacherCache,
+    non_finite_rows,
+    record_namespace,
+    recorded_namespace,
+    text_key,
+)
 from suradapter.teacher.model import Teacher, extract_features, load_teacher
 from suradapter.tracking import log_to_active_run
 
@@ -64,6 +73,7 @@ class EmbedSummary:
     cached_before: int
     computed: int
     shards_written: int
+    damaged_removed: int  # shards that failed verification on open (their texts recomputed)
     seconds: float
     load_seconds: float  # of `seconds`: loading the teacher onto its device
     prompts_per_s: float  # computed prompts per second of computing (load time excluded)
@@ -106,7 +116,18 @@ def compute_missing(
     written = 0
     with tqdm(total=len(todo), desc=f"embed {shard.writer}", unit="prompt") as progress:
         for batch in length_buckets(teacher, texts, params.batch_size):
-            pending.append(extract_features(teacher, [texts[i] for i in batch]))
+            features = extract_features(teacher, [texts[i] for i in batch])
+            bad = non_finite_rows(features)
+            if bad:
+                if pending_keys:  # keep the good work before it
+                    cache.write_shard(shard.writer, pending_keys, torch.cat(pending))
+                    cache.save_index()
+                raise ValueError(
+                    f"teacher {params.model} gave non-finite features (NaN/inf) for {len(bad)} "
+                    f"of {len(batch)} texts, e.g. '{texts[batch[bad[0]]]}'; none of that batch "
+                    f"was cached (embed.dtype is {params.dtype}: try float32 or bfloat16)"
+                )
+            pending.append(features)
             pending_keys.extend(todo[i] for i in batch)
             progress.update(len(batch))
             while len(pending_keys) >= params.shard_size:
@@ -158,6 +179,7 @@ def run_embed(
         cached_before=cached_before,
         computed=computed,
         shards_written=written,
+        damaged_removed=len(cache.damaged),
         seconds=round(finished - started, 3),
         load_seconds=round(loaded - started, 3),
         prompts_per_s=round(computed / (finished - loaded), 2) if computed else 0.0,
