@@ -285,6 +285,7 @@ def train(ctx: typer.Context) -> None:
     """Train the SUR-adapter on the frozen base (Accelerate; resumable; tracked in MLflow)."""
     import pyarrow.parquet as pq
 
+    from suradapter.teacher.cache import MissingFeaturesError
     from suradapter.train.track import train_with_tracking
 
     params = ctx.obj.load()
@@ -295,7 +296,7 @@ def train(ctx: typer.Context) -> None:
     grid_prompts = [row["text"] for row in table if row["split"] == "val"]
     try:
         result = train_with_tracking(params, grid_prompts[: params.train.grid_prompts])
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, MissingFeaturesError) as err:
         fail(str(err))
     last = result.log[-1] if result.log else {}
     console.print(
