@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from suradapter.config import Params
 from suradapter.provenance import CHECKSUMS_FILE, sha256_file
-from suradapter.registry import promote, register_version
+from suradapter.registry import ProductionNotImproved, promote, register_version
 from suradapter.registry.layout import (
     ADAPTER_DIR,
     ADAPTER_WEIGHTS,
@@ -134,12 +134,16 @@ def promote_by_policy(params: Params, registration: Registration) -> Registratio
             f"`sur promote {registration.version}`"
         )
     else:
-        moved = promote(params, version=registration.version)
-        registration.promotion = (
-            f"promoted to @production (previous: {moved.previous or 'none'})"
-            if moved.changed
-            else "already @production"
-        )
+        try:
+            moved = promote(params, version=registration.version)
+        except ProductionNotImproved as err:  # production stays: the job still succeeds
+            registration.promotion = f"not promoted: {err}"
+        else:
+            registration.promotion = (
+                f"promoted to @production (previous: {moved.previous or 'none'})"
+                if moved.changed
+                else "already @production"
+            )
     registration.aliases = version_aliases(params, registration.version)
     return registration
 

@@ -139,9 +139,11 @@ def build_router(context: ApiContext, keys: tuple[bytes, ...]) -> APIRouter:
                 "(serving.limits.max_concurrent_generate); retry shortly",
                 headers={"Retry-After": "1"},
             )
+        context.metrics.generate_in_progress.inc()
         try:
             rendered = served.generate(spec, compare_base=request.compare_base)
         finally:
+            context.metrics.generate_in_progress.dec()
             context.generate_slots.release()
         for stage, seconds in rendered.seconds.items():
             context.metrics.generate_stage.labels(stage).observe(seconds)

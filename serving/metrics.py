@@ -1,4 +1,5 @@
-"""Prometheus metrics of one app: requests, latency, generate stages, served version, swaps."""
+"""Prometheus metrics of one app: requests, latency, generate stages and slots, served version,
+swaps."""
 
 from __future__ import annotations
 
@@ -39,6 +40,12 @@ class ServingMetrics:
             "Seconds per /v1/generate stage: text_path (ONNX), denoise_decode, base_image.",
             ["stage"],
             buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.generate_in_progress = Gauge(
+            "sur_generate_in_progress",
+            "/v1/generate requests now holding one of the serving.limits."
+            "max_concurrent_generate slots.",
             registry=self.registry,
         )
         self.embedded_prompts = Counter(

@@ -1,9 +1,9 @@
 """A registered version made ready to serve: verified files, ONNX text path, base UNet/VAE.
 
-`load_version` checks every file against the version's sha256 manifest, opens the exported
-text path with the session factory (`OnnxTextPath`) and its tokenizer, and attaches the base
-diffusion pipeline named in `export.json`. `smoke_test` embeds fixed prompts before a
-version is allowed to serve.
+`load_version` opens the exported text path of a fetched version (its files checked against
+the registry's manifest by the fetch) with the session factory (`OnnxTextPath`) and its
+tokenizer, and attaches the base diffusion pipeline named in `export.json`. `smoke_test`
+embeds fixed prompts before a version is allowed to serve.
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ from serving.settings import ServingParams
 from suradapter.config import Params
 from suradapter.export.runtime import OnnxTextPath, read_report
 from suradapter.model.zoo import load_base_pipeline
-from suradapter.provenance import verify_checksums
+from suradapter.registry.layout import ARTIFACTS_DIR, EXPORT_DIR
 
 LOG = logging.getLogger(__name__)
 SMOKE_PROMPTS = ("", "three red circles on a white background")
 
 
 class VersionLoadError(RuntimeError):
-    """A version's files are missing, fail their sha256, or do not load or pass the smoke test."""
+    """A version's gates did not pass, or it does not load or pass the smoke test."""
 
 
 @dataclass(frozen=True)
@@ -189,16 +189,9 @@ class ServedVersion:
 def load_version(
     root: Path, version: str, params: Params, settings: ServingParams, bases: BaseModels
 ) -> ServedVersion:
-    """Verify and load the version downloaded to `root`. Raises VersionLoadError."""
-    artifacts = Path(root) / "artifacts"
-    if not (artifacts / "SHA256SUMS").is_file():
-        raise VersionLoadError(f"version {version}: no artifacts/SHA256SUMS under {root}")
-    problems = verify_checksums(artifacts)
-    if problems:
-        more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
-        shown = "; ".join(problems[:5]) + more
-        raise VersionLoadError(f"version {version}: sha256 manifest check failed: {shown}")
-    export_dir = artifacts / "export"
+    """Load the version downloaded to `root` (its files already checked against the registry's
+    manifest by the source's fetch). Raises VersionLoadError."""
+    export_dir = Path(root) / ARTIFACTS_DIR / EXPORT_DIR
     try:
         report = read_report(export_dir)
         text_path = OnnxTextPath.load(

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from suradapter.config import Params
 
+if TYPE_CHECKING:
+    from suradapter.registry.fetch import FetchedVersion
+
 
 class VersionSource(Protocol):
-    """Resolves an alias to a version and downloads a version (checksums verified)."""
+    """Resolves an alias to a version and downloads a version with its registry tags, every
+    file checked against the manifest the registry records (not the copy beside the files)."""
 
     def resolve(self, alias: str) -> str | None: ...
 
-    def fetch(self, version: str, dest: Path) -> Path: ...
+    def fetch(self, version: str, dest: Path) -> FetchedVersion: ...
 
 
 class RegistrySource:
@@ -33,8 +37,9 @@ class RegistrySource:
         version = resolve(self.params, alias)
         return None if version is None else str(version)
 
-    def fetch(self, version: str, dest: Path) -> Path:
-        """Download `version` into `dest`, verified; return its root. Raises RegistryError."""
+    def fetch(self, version: str, dest: Path) -> FetchedVersion:
+        """Download `version` into `dest`, checked against the registry's manifest; return it
+        with its tags. Raises RegistryError naming each file that does not match."""
         from suradapter.registry import fetch_version
 
-        return Path(fetch_version(self.params, version, dest).root)
+        return fetch_version(self.params, version, dest)

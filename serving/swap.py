@@ -3,8 +3,9 @@
 The served version is one reference (`ModelSlot.current`); a request reads it once and
 uses that version to the end, and a swap replaces it in a single assignment. So requests
 never see a half-loaded version, and none fails during a swap. When a new version fails to
-download, verify, load or pass the smoke test, the old one keeps serving and the error is
-kept for `/readyz`.
+download, verify against the registry's manifest, load or pass the smoke test, or its
+`gate_verdict` tag is not `passed` (an alias moved by hand), the old one keeps serving and
+the error is kept for `/readyz`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from serving.metrics import ServingMetrics
-from serving.model import BaseModels, ServedVersion, load_version, smoke_test
+from serving.model import BaseModels, ServedVersion, VersionLoadError, load_version, smoke_test
 from serving.settings import ServingParams
 from serving.source import VersionSource
 from suradapter.config import Params
@@ -51,6 +52,21 @@ class ModelSlot:
         return old
 
 
+def require_passed_gates(version: str, tags: dict[str, str]) -> None:
+    """Raise VersionLoadError unless the version's `gate_verdict` tag is `passed`.
+
+    Promotion refuses such a version; this catches one whose alias was moved by hand.
+    """
+    verdict = tags.get("gate_verdict", "missing")
+    if verdict != "passed":
+        failures = tags.get("gate_failures")
+        raise VersionLoadError(
+            f"version {version}: its gate_verdict tag is {verdict!r}"
+            + (f" ({failures})" if failures else "")
+            + "; serving loads only versions whose gates passed"
+        )
+
+
 class VersionLoader:
     """Downloads a version into the cache folder, then verifies, loads and smoke-tests it."""
 
@@ -70,11 +86,15 @@ class VersionLoader:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
 
     def load(self, version: str) -> ServedVersion:
-        """A verified, smoke-tested version, ready to swap in. Raises on any failure."""
+        """A verified, smoke-tested version whose gates passed, ready to swap in.
+
+        Raises on any failure (VersionLoadError for a version whose gates did not pass).
+        """
         dest = self.cache_dir / f"v{version}-{uuid.uuid4().hex[:8]}"
         try:
-            root = self.source.fetch(version, dest)
-            served = load_version(root, version, self.params, self.settings, self.bases)
+            fetched = self.source.fetch(version, dest)
+            require_passed_gates(version, fetched.tags)
+            served = load_version(fetched.root, version, self.params, self.settings, self.bases)
             smoke_test(served)
         except BaseException:
             shutil.rmtree(dest, ignore_errors=True)

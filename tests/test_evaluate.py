@@ -1,4 +1,6 @@
-"""`sur evaluate`: the metrics' math, the gates, and the CLI end to end on the tiny profile."""
+"""`sur evaluate`: the metrics' math, the gates, the CLI end to end on the tiny profile, and
+the comparison with `@production` (in `sur evaluate`, and in promotion's head-to-head) on a
+real MLflow server with S3 artifacts."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import servers
 import torch
 import yaml
 from conftest import build_tiny_project
@@ -222,3 +225,183 @@ def test_clip_score_is_bounded_deterministic_and_per_model(tiny_clip, tiny_pipel
     assert first["base"] != first["adapter"]
     with pytest.raises(FileNotFoundError, match=r"evaluate\.clip_model"):
         load_clip(tiny_clip / "missing")
+
+
+# ------------------------------------------- against @production, on a real registry server
+
+PERMISSIVE_GATES = {  # a few-step adapter passes these, so the margin alone decides below
+    "min_gap_closure": -100.0,
+    "max_keyword_drop": 1.0,
+    "max_denoise_increase": 100.0,
+    "min_alignment_gain": 0.001,
+    "min_retrieval_gain": 0.0,
+    "min_margin_over_production": 0.0,
+}
+
+
+@pytest.fixture(scope="module")
+def registry_url(tmp_path_factory):
+    """An MLflow server (SQLite) whose artifacts live on a local S3 server."""
+    root = tmp_path_factory.mktemp("eval-registry")
+    with (
+        pytest.MonkeyPatch.context() as patch,
+        servers.s3_server(root / "s3", ("mlflow",)) as s3,
+    ):
+        for key, value in servers.s3_env(s3.endpoint).items():
+            patch.setenv(key, value)
+        with servers.mlflow_server(root / "mlflow", "s3://mlflow/artifacts") as url:
+            yield url
+    mlflow.set_tracking_uri(None)
+
+
+def registry_params(eval_project: Path, url: str, name: str, shapes_world: bool) -> Path:
+    """The eval project's params with tracking on `url`, model `name`, permissive gates and an
+    output folder of their own; `shapes_world` False scores alignment and denoising only (in
+    the tiny profile the oracle finds no keyword-narrative gap, so gap closure never passes)."""
+    root, label = eval_project.parent, f"{name}-{'shapes' if shapes_world else 'alignment'}"
+    raw = yaml.safe_load(eval_project.read_text())
+    source = raw["prepare"]["source"]
+    raw["shapes"]["output_dir"] = source if shapes_world else str(root / "not-the-source")
+    raw["train"]["tracking_uri"] = url
+    raw["registry"]["model_name"] = name
+    raw["evaluate"].update(output_dir=str(root / f"eval-{label}"), clip_model=None)
+    raw["evaluate"]["gates"].update(PERMISSIVE_GATES)
+    path = root / f"params-{label}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def evaluated_and_registered(params, adapter_dir: Path, folder: Path):
+    """Evaluate `adapter_dir` as the DVC stage does (against the base only), export it, and
+    register the three folders; returns (RegisteredVersion, report)."""
+    from suradapter.evaluate.report import write_report
+    from suradapter.evaluate.run import evaluate_adapter, load_adapter
+    from suradapter.export.onnx_export import export_text_path
+    from suradapter.model.text_path import AdaptedTextPath
+    from suradapter.model.zoo import load_base_from_params
+    from suradapter.registry import register_version
+
+    result = evaluate_adapter(params, adapter_dir, grid=False)
+    write_report(folder / "eval", result.report, None)
+    pipeline = load_base_from_params(params.base_model)
+    path = AdaptedTextPath.from_pipeline(pipeline, load_adapter(adapter_dir))
+    export_text_path(path, params.export, folder / "export", adapter_dir, params.base_model.id)
+    registered = register_version(params, adapter_dir, folder / "export", folder / "eval")
+    assert registered.passed, registered.reasons
+    return registered, result.report
+
+
+def test_sur_evaluate_compares_with_the_production_version(
+    eval_project, registry_url, tmp_path, repo_root, monkeypatch
+):
+    """`sur evaluate` (default --production) with a version in @production: here the same
+    adapter, so the production model must get the adapter's own figures, in the shapes world
+    (oracle) as outside it."""
+    from suradapter.registry import promote
+
+    monkeypatch.chdir(repo_root)  # lineage of the registered version: this repo's dvc.lock
+    name = "sur-eval-production"
+    path = registry_params(eval_project, registry_url, name, shapes_world=False)
+    params = load_params(path, profile="tiny")
+    adapter = Path(params.evaluate.adapter_dir)
+    version = evaluated_and_registered(params, adapter, tmp_path)[0].version
+    promote(params, version)
+
+    for shapes_world in (False, True):
+        path = registry_params(eval_project, registry_url, name, shapes_world=shapes_world)
+        command = [str(BIN / "sur"), "--params", str(path), "--profile", "tiny", "evaluate"]
+        done = subprocess.run(
+            [*command, "--no-gate-exit"],  # shapes world: gap closure is not measurable here
+            cwd=path.parent,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "margin_over_production: passed (0.0000 >= 0)" in done.stdout, done.stdout
+    params = load_params(path, profile="tiny")
+    report = json.loads((Path(params.evaluate.output_dir) / "report.json").read_text())
+    metrics = report["metrics"]
+    assert metrics["production_version"] == version
+    for accuracy in ("narrative_accuracy", "keyword_accuracy"):
+        assert metrics[accuracy]["production"] == metrics[accuracy]["adapter"]
+    for figure in ("cosine", "retrieval_top1"):
+        assert metrics["alignment"][figure]["production"] == metrics["alignment"][figure]["adapter"]
+    margin = next(g for g in report["gates"] if g["name"] == "margin_over_production")
+    assert margin["value"] == 0.0 and margin["passed"]
+    assert metrics["production_margin_basis"].startswith("narrative accuracy")
+
+
+def test_promotion_over_production_needs_a_real_head_to_head_win(
+    eval_project, registry_url, tmp_path, repo_root, monkeypatch
+):
+    """A 6-step adapter (worse) and a 24-step one (better), both passing the gates on their
+    own: the better one replaces the worse in production; the worse never replaces the
+    better, and production stays. Outside the shapes world the margin is the smaller of the
+    alignment cosine and retrieval top-1 leads."""
+    from mlflow.tracking import MlflowClient
+
+    from suradapter.registry import ProductionNotImproved, promote, registry_status
+    from suradapter.train.adapter import train_adapter
+
+    monkeypatch.chdir(repo_root)
+    name = "sur-eval-margin"
+    path = registry_params(eval_project, registry_url, name, shapes_world=False)
+    params = load_params(path, profile="tiny")
+    root = eval_project.parent
+    train = params.train.model_copy(
+        update={
+            "max_steps": 24,
+            "checkpoint_every": 100,
+            "output_dir": str(root / "adapter-better"),
+            "checkpoint_dir": str(root / "ckpt-better"),
+        }
+    )
+    train_adapter(params.model_copy(update={"train": train}))
+    worse, worse_report = evaluated_and_registered(
+        params, Path(params.evaluate.adapter_dir), tmp_path / "worse"
+    )
+    better, better_report = evaluated_and_registered(
+        params, Path(train.output_dir), tmp_path / "better"
+    )
+    figures = {
+        label: {
+            f: report["metrics"]["alignment"][f]["adapter"] for f in ("cosine", "retrieval_top1")
+        }
+        for label, report in (("worse", worse_report), ("better", better_report))
+    }
+    cosine = {label: values["cosine"] for label, values in figures.items()}
+    assert cosine["better"] > cosine["worse"] + 0.02, figures  # a real difference
+    assert figures["better"]["retrieval_top1"] >= figures["worse"]["retrieval_top1"], figures
+
+    assert promote(params, worse.version).challenge is None  # nothing in production yet
+    promoted = promote(params, better.version)
+    challenge = promoted.challenge
+    assert promoted.production == better.version and challenge.passed
+    assert challenge.note == "evaluated head to head on this project's held-out data"
+    assert challenge.margin is not None and challenge.margin >= 0.0
+    head_to_head = json.loads(
+        Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=challenge.run_id, artifact_path="challenge/report.json"
+            )
+        ).read_text()
+    )
+    alignment = head_to_head["metrics"]["alignment"]
+    # the same held-out rows and seed as each version's own report: the same figures
+    assert alignment["cosine"]["adapter"] == cosine["better"]
+    assert alignment["cosine"]["production"] == cosine["worse"]
+    assert head_to_head["metrics"]["production_margin"] == challenge.margin
+
+    with pytest.raises(ProductionNotImproved) as err:
+        promote(params, worse.version)
+    message = str(err.value)
+    assert message.startswith(f"version {worse.version} of {name} cannot be promoted: ")
+    assert f"does not beat production version {better.version}: margin -" in message
+    assert message.endswith(f"@production stays at version {better.version}")
+    assert registry_status(params)["production"] == better.version
+    tags = MlflowClient(registry_url).get_model_version(name, worse.version).tags
+    assert tags["challenge.verdict"] == "failed"
+    assert tags["challenge.production_version"] == better.version
+    lead = min(figures["worse"][f] - figures["better"][f] for f in ("cosine", "retrieval_top1"))
+    assert float(tags["challenge.margin"]) == pytest.approx(lead) and lead < 0

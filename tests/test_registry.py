@@ -1,11 +1,14 @@
 """The model registry on a real MLflow server whose artifacts live on a real S3 server.
 
-Register (passing and failing reports), promote, roll back, refusals, an S3 outage during
-registration, tampered files on fetch, and the pyfunc flavour against the ONNX text path.
+Register (passing, failing and self-contradicting reports), promote, roll back, refusals,
+the margin a promotion over production needs, an S3 outage during registration, tampered
+files (and files rewritten together with SHA256SUMS) on fetch and in the pyfunc, and the
+pyfunc flavour against the ONNX text path.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from contextlib import ExitStack
@@ -17,16 +20,20 @@ import numpy as np
 import pytest
 import servers
 import yaml
+from conftest import REPO_ROOT
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from test_export import exported
 from typer.testing import CliRunner
 
+from suradapter.config import load_params
+from suradapter.evaluate.gates import decide_gates
 from suradapter.export.runtime import OnnxTextPath
 from suradapter.model.text_path import AdaptedTextPath
 from suradapter.provenance import sha256_file, verify_checksums
 from suradapter.registry import (
+    ProductionNotImproved,
     RegistryError,
     fetch_version,
     judge_report,
@@ -38,6 +45,26 @@ from suradapter.registry import (
 )
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
+GATES = load_params(REPO_ROOT / "params.yaml", profile="tiny").evaluate.gates
+# Metrics as `sur evaluate` writes them outside the shapes world (no oracle figures).
+PASSING_METRICS = {
+    "gap_closure_measured": False,
+    "denoise": {"keyword": {"base": 1.0, "adapter": 1.01, "relative_increase": 0.01}},
+    "alignment": {
+        "cosine": {"base": 0.6, "adapter": 0.8},
+        "retrieval_top1": {"base": 0.2, "adapter": 0.6},
+    },
+}
+FAILING_METRICS = PASSING_METRICS | {  # retrieval does not rise: retrieval_gain 0 fails
+    "alignment": {
+        "cosine": {"base": 0.6, "adapter": 0.8},
+        "retrieval_top1": {"base": 0.2, "adapter": 0.2},
+    }
+}
+RETRIEVAL_FAILED = f"gate retrieval_gain failed (value 0, needs >= {GATES.min_retrieval_gain:g})"
+RETRIEVAL_FORGED = (
+    f"gate retrieval_gain says passed=true, but 0.0 >= {GATES.min_retrieval_gain} is false"
+)
 
 
 @dataclass
@@ -58,16 +85,14 @@ class Servers:
     s3: servers.S3Server
 
 
-def make_report(adapter_sha256: str, passed: bool = True, gate_passed: bool = True) -> dict:
-    gates = [
-        {"name": "min_gap_closure", "passed": gate_passed, "value": 0.7, "threshold": 0.6},
-        {"name": "max_keyword_drop", "passed": True, "value": 0.0, "threshold": 0.02},
-    ]
+def make_report(adapter_sha256: str, metrics: dict = PASSING_METRICS, gates=GATES) -> dict:
+    """A report as `sur evaluate` writes it: gates and verdict derived from `metrics`."""
+    decided = decide_gates(metrics, gates)
     return {
-        "passed": passed,
+        "passed": all(gate.passed for gate in decided),
         "adapter_sha256": adapter_sha256,
-        "gates": gates,
-        "metrics": {"narrative_accuracy": 0.5},
+        "gates": [gate.as_dict() for gate in decided],
+        "metrics": metrics,
     }
 
 
@@ -79,13 +104,35 @@ def write_eval(folder: Path, report: dict) -> Path:
     return folder
 
 
+def stored_keys(s3: servers.S3Server, source: str) -> dict[str, str]:
+    """`{path under artifacts/: S3 key}` of the files of the logged model `source`."""
+    model_id = source.removeprefix("models:/")
+    pages = s3.client.get_paginator("list_objects_v2").paginate(Bucket="mlflow")
+    keys = [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+    marker = f"/models/{model_id}/artifacts/artifacts/"
+    return {key.split(marker, 1)[1]: key for key in keys if marker in key}
+
+
+def rewrite_consistently(s3: servers.S3Server, source: str, path: str, body: bytes) -> None:
+    """Replace `artifacts/<path>` of a logged model in the bucket, and its SHA256SUMS line to
+    match: the rewrite an attacker with write access to the bucket would make."""
+    keys = stored_keys(s3, source)
+    s3.client.put_object(Bucket="mlflow", Key=keys[path], Body=body)
+    sums = s3.client.get_object(Bucket="mlflow", Key=keys["SHA256SUMS"])["Body"].read().decode()
+    digest = hashlib.sha256(body).hexdigest()
+    lines = [
+        f"{digest}  {path}" if line.endswith(f"  {path}") else line for line in sums.split("\n")
+    ]
+    s3.client.put_object(Bucket="mlflow", Key=keys["SHA256SUMS"], Body="\n".join(lines).encode())
+
+
 @pytest.fixture(scope="module")
 def artefacts(tiny_pipeline, tiny_params, tmp_path_factory) -> Artefacts:
     root = tmp_path_factory.mktemp("registry-artefacts")
     path, adapter_dir, result = exported(tiny_pipeline, tiny_params.export, root, "fixed")
     sha = sha256_file(adapter_dir / WEIGHTS)
     passing = write_eval(root / "eval-pass", make_report(sha))
-    failing = write_eval(root / "eval-fail", make_report(sha, passed=False, gate_passed=False))
+    failing = write_eval(root / "eval-fail", make_report(sha, FAILING_METRICS))
     return Artefacts(path, adapter_dir, result.folder, passing, failing)
 
 
@@ -119,6 +166,13 @@ def named(params, name: str):
     return params.model_copy(update={"registry": registry})
 
 
+def with_gates(params, **thresholds):
+    """`params` with these `evaluate.gates` thresholds."""
+    gates = params.evaluate.gates.model_copy(update=thresholds)
+    evaluate = params.evaluate.model_copy(update={"gates": gates})
+    return params.model_copy(update={"evaluate": evaluate})
+
+
 @pytest.fixture
 def params(registry_env, tiny_params, request):
     """Tiny params with a registered model name of this test's own."""
@@ -127,6 +181,10 @@ def params(registry_env, tiny_params, request):
 
 def versions_of(url: str, name: str) -> list[str]:
     return [v.version for v in MlflowClient(url).search_model_versions(f"name = '{name}'")]
+
+
+def version_tags(url: str, name: str, version: str) -> dict[str, str]:
+    return MlflowClient(url).get_model_version(name, version).tags
 
 
 def lock_dependency_md5(repo_root: Path, stage: str, path: str) -> str:
@@ -141,19 +199,51 @@ def lock_dependency_md5(repo_root: Path, stage: str, path: str) -> str:
     ("change", "reason"),
     [
         ({}, None),
-        ({"passed": False}, "passed=false"),
-        ({"gates": []}, "no gates"),
+        ({"passed": False}, "contradicts itself: it says passed=false, but every gate it"),
+        ({"gates": []}, "contradicts itself: it lists gates [], but its metrics call for"),
         ({"adapter_sha256": "0" * 64}, "not for this adapter"),
         ({"metrics": None}, "malformed"),
+        ({"metrics": {"alignment": {}}}, "metrics.denoise is missing"),
     ],
 )
-def test_a_report_passes_only_with_every_gate_and_the_same_adapter(change, reason):
+def test_a_report_passes_only_when_its_metrics_pass_for_the_same_adapter(change, reason):
     report = make_report("a" * 64) | change
-    verdict = judge_report(report, "a" * 64)
+    verdict = judge_report(report, "a" * 64, GATES)
     assert verdict.passed is (reason is None)
-    assert reason is None or reason in "; ".join(verdict.reasons)
-    failed_gate = judge_report(make_report("a" * 64, gate_passed=False), "a" * 64)
-    assert not failed_gate.passed and "gate min_gap_closure failed" in failed_gate.reasons[0]
+    assert reason is None or reason in "; ".join(verdict.reasons), verdict.reasons
+    failed = judge_report(make_report("a" * 64, FAILING_METRICS), "a" * 64, GATES)
+    assert not failed.passed and not failed.contradictions
+    assert failed.reasons == [RETRIEVAL_FAILED]
+
+
+def test_the_verdict_is_re_derived_from_the_metrics_not_taken_on_trust():
+    sha = "a" * 64
+    # hand-written: every gate marked passed, over metrics whose retrieval did not rise
+    forged = make_report(sha, FAILING_METRICS)
+    forged["passed"] = True
+    for gate in forged["gates"]:
+        gate["passed"] = True
+    verdict = judge_report(forged, sha, GATES)
+    assert not verdict.passed
+    assert verdict.contradictions == [RETRIEVAL_FORGED]
+    # a value that is not the one the metrics give
+    inflated = make_report(sha, FAILING_METRICS)
+    gate = next(g for g in inflated["gates"] if g["name"] == "retrieval_gain")
+    gate.update(value=0.4, passed=True)
+    inflated["passed"] = True
+    reasons = "; ".join(judge_report(inflated, sha, GATES).reasons)
+    assert "gate retrieval_gain records value 0.4, its metrics give 0.0" in reasons
+    # a laxer threshold written into the report: consistent, but judged by the profile's
+    lax = make_report(sha, FAILING_METRICS, GATES.model_copy(update={"min_retrieval_gain": 0.0}))
+    assert lax["passed"] is True
+    verdict = judge_report(lax, sha, GATES)
+    assert not verdict.passed and not verdict.contradictions
+    assert verdict.reasons == [
+        f"gate retrieval_gain failed (value 0, needs >= {GATES.min_retrieval_gain:g}; "
+        "the report used 0.0)"
+    ]
+    stricter = GATES.model_copy(update={"min_alignment_gain": 0.5})
+    assert "gate alignment_gain failed" in judge_report(make_report(sha), sha, stricter).reasons[0]
 
 
 # ---------------------------------------------------------------------------- registration
@@ -167,7 +257,7 @@ def test_a_passing_version_gets_candidate_lineage_tags_and_verifiable_files(
     assert result.passed and result.aliases == ["candidate"] and not result.reasons
     assert resolve(params, "candidate") == result.version
 
-    tags = MlflowClient(registry_env.url).get_model_version(name, result.version).tags
+    tags = version_tags(registry_env.url, name, result.version)
     assert tags["adapter_sha256"] == sha256_file(artefacts.adapter / WEIGHTS)
     assert tags["gate_verdict"] == "passed"
     assert tags["base_model"] == "tiny" and tags["teacher"] == params.embed.model
@@ -196,6 +286,8 @@ def test_a_passing_version_gets_candidate_lineage_tags_and_verifiable_files(
     ):
         assert (files / expected).is_file(), expected
     assert verify_checksums(files) == []
+    # the manifest is also in the registry: the trust anchor outside the bucket
+    assert tags["sha256sums"] == (files / "SHA256SUMS").read_text()
 
     fetched = fetch_version(params, "candidate", tmp_path / "fetched")
     assert fetched.version == result.version and fetched.tags["gate_verdict"] == "passed"
@@ -206,14 +298,25 @@ def test_a_failing_version_is_registered_without_an_alias(params, artefacts, reg
     first = register_version(params, *artefacts.folders())
     failed = register_version(params, *artefacts.folders(artefacts.failing))
     assert not failed.passed and failed.aliases == []
-    assert any("min_gap_closure" in reason for reason in failed.reasons)
+    assert failed.reasons == [RETRIEVAL_FAILED]
     assert registry_status(params) == {"candidate": first.version}  # candidate did not move
-    tags = (
-        MlflowClient(registry_env.url)
-        .get_model_version(params.registry.model_name, failed.version)
-        .tags
-    )
-    assert tags["gate_verdict"] == "failed" and "min_gap_closure" in tags["gate_failures"]
+    tags = version_tags(registry_env.url, params.registry.model_name, failed.version)
+    assert tags["gate_verdict"] == "failed" and "retrieval_gain" in tags["gate_failures"]
+
+
+def test_a_report_that_contradicts_itself_is_not_registered(
+    params, artefacts, registry_env, tmp_path
+):
+    forged = make_report(sha256_file(artefacts.adapter / WEIGHTS), FAILING_METRICS)
+    forged["passed"] = True
+    for gate in forged["gates"]:
+        gate["passed"] = True
+    folder = write_eval(tmp_path / "eval", forged)
+    with pytest.raises(RegistryError, match=r"contradicts its own values") as err:
+        register_version(params, *artefacts.folders(folder))
+    assert RETRIEVAL_FORGED in str(err.value)
+    assert "Nothing was registered" in str(err.value)
+    assert versions_of(registry_env.url, params.registry.model_name) == []
 
 
 def test_a_report_for_another_adapter_does_not_pass(params, artefacts, tmp_path):
@@ -268,17 +371,24 @@ def test_a_version_is_deleted_when_its_alias_cannot_be_set(
 # ------------------------------------------------------------------ promotion and rollback
 
 
-def test_promote_promote_and_rollback_move_production_and_previous(params, artefacts):
+def test_promote_promote_and_rollback_move_production_and_previous(params, artefacts, registry_env):
     first = register_version(params, *artefacts.folders()).version
     second = register_version(params, *artefacts.folders()).version
 
     promoted = promote(params, first)
     assert (promoted.production, promoted.previous, promoted.changed) == (first, None, True)
+    assert promoted.challenge is None  # nothing in production to beat
     assert registry_status(params) == {"candidate": second, "production": first}
     assert not promote(params, first).changed  # promoting production again changes nothing
 
     promoted = promote(params, from_alias="candidate")
     assert (promoted.production, promoted.previous) == (second, first)
+    # the same adapter files as production: a margin of 0 without an evaluation
+    assert promoted.challenge.margin == 0.0 and promoted.challenge.passed
+    assert "same adapter files" in promoted.challenge.note
+    tags = version_tags(registry_env.url, params.registry.model_name, second)
+    assert tags["challenge.production_version"] == first
+    assert tags["challenge.verdict"] == "passed"
     assert registry_status(params) == {
         "candidate": second,
         "previous": first,
@@ -299,8 +409,28 @@ def test_promote_refuses_a_failed_version_and_keeps_production(params, artefacts
     with pytest.raises(RegistryError, match=rf"version {failed} of .* cannot be promoted") as err:
         promote(params, failed)
     assert "gate_verdict is 'failed'" in str(err.value)
-    assert "gate min_gap_closure failed" in str(err.value)
+    assert RETRIEVAL_FAILED in str(err.value)
     assert registry_status(params) == {"candidate": good, "production": good}
+
+
+def test_promote_refuses_a_version_that_does_not_beat_production_by_the_margin(
+    params, artefacts, registry_env
+):
+    name = params.registry.model_name
+    first = register_version(params, *artefacts.folders()).version
+    second = register_version(params, *artefacts.folders()).version
+    promote(params, first)
+    demanding = with_gates(params, min_margin_over_production=0.05)
+    with pytest.raises(ProductionNotImproved) as err:
+        promote(demanding, second)
+    assert str(err.value) == (
+        f"version {second} of {name} cannot be promoted: version {second} does not beat "
+        f"production version {first}: margin +0.0000, needs >= 0.05 (the same adapter files: "
+        f"a margin of 0 by construction, nothing evaluated); @production stays at version {first}"
+    )
+    assert registry_status(params) == {"candidate": second, "production": first}
+    tags = version_tags(registry_env.url, name, second)
+    assert (tags["challenge.verdict"], tags["challenge.margin"]) == ("failed", "0.0")
 
 
 def test_promote_refuses_missing_versions_and_aliases(params, artefacts):
@@ -342,14 +472,10 @@ def test_fetch_version_names_each_tampered_or_missing_file(
 ):
     version = register_version(params, *artefacts.folders()).version
     source = MlflowClient(registry_env.url).get_model_version(params.registry.model_name, version)
-    model_id = source.source.removeprefix("models:/")
-    pages = registry_env.s3.client.get_paginator("list_objects_v2").paginate(Bucket="mlflow")
-    keys = [obj["Key"] for page in pages for obj in page.get("Contents", [])]
-    ours = [key for key in keys if f"/models/{model_id}/" in key]
-    export_json = next(key for key in ours if key.endswith("artifacts/export/export.json"))
-    report_md = next(key for key in ours if key.endswith("artifacts/eval/report.md"))
-    registry_env.s3.client.put_object(Bucket="mlflow", Key=export_json, Body=b'{"forged": 1}')
-    registry_env.s3.client.delete_object(Bucket="mlflow", Key=report_md)
+    keys = stored_keys(registry_env.s3, source.source)
+    client = registry_env.s3.client
+    client.put_object(Bucket="mlflow", Key=keys["export/export.json"], Body=b'{"forged": 1}')
+    client.delete_object(Bucket="mlflow", Key=keys["eval/report.md"])
 
     dest = tmp_path / "fetched"
     with pytest.raises(RegistryError, match="failed its checksum check") as err:
@@ -357,6 +483,47 @@ def test_fetch_version_names_each_tampered_or_missing_file(
     assert "artifacts/export/export.json: sha256 differs" in str(err.value)
     assert "artifacts/eval/report.md: missing" in str(err.value)
     assert not dest.exists() and not list(tmp_path.glob("fetched.*"))
+
+
+def test_files_rewritten_with_their_sha256sums_are_refused_by_fetch_pyfunc_and_promote(
+    params, artefacts, registry_env, tmp_path
+):
+    name = params.registry.model_name
+    version = register_version(params, *artefacts.folders()).version
+    source = MlflowClient(registry_env.url).get_model_version(name, version).source
+    forged = json.dumps({"base_model": "tiny", "forged": True}).encode()
+    rewrite_consistently(registry_env.s3, source, "export/export.json", forged)
+    bucket_copy = Path(
+        mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(tmp_path))
+    )
+    assert verify_checksums(bucket_copy / "artifacts") == []  # the bucket agrees with itself
+
+    with pytest.raises(RegistryError, match="failed its checksum check") as err:
+        fetch_version(params, version, tmp_path / "fetched")
+    assert str(err.value) == (
+        f"version {version} of {name} failed its checksum check: artifacts/export/export.json: "
+        "sha256 differs from the registry's record; artifacts/SHA256SUMS: differs from the "
+        "registry's record"
+    )
+    with pytest.raises(RegistryError, match=r"fail the registry's record") as err:
+        mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+    assert "export/export.json: sha256 differs from the registry's record" in str(err.value)
+    with pytest.raises(RegistryError, match="cannot be promoted") as err:
+        promote(params, version)
+    assert "its SHA256SUMS differs from the registry's record" in str(err.value)
+    assert registry_status(params) == {"candidate": version}
+
+
+def test_a_version_without_the_registry_manifest_is_not_fetched(
+    params, artefacts, registry_env, tmp_path
+):
+    name = params.registry.model_name
+    version = register_version(params, *artefacts.folders()).version
+    MlflowClient(registry_env.url).delete_model_version_tag(name, version, "sha256sums")
+    with pytest.raises(RegistryError, match=r"has no 'sha256sums' tag.*register its adapter"):
+        fetch_version(params, version, tmp_path / "fetched")
+    with pytest.raises(RegistryError, match=r"has no 'sha256sums' tag"):
+        mlflow.pyfunc.load_model(f"models:/{name}/{version}")
 
 
 def test_pyfunc_production_predicts_the_onnx_text_path_embeddings(

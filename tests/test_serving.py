@@ -1,9 +1,14 @@
 """`serving`: a real uvicorn process on loopback, fed by a real MLflow registry on S3 (rclone).
 
-One module-scoped stack: the S3 and MLflow servers, three registered versions of the tiny
-model (a, b, and c whose ONNX file is tampered with in the bucket after registration), and
-`python -m serving` serving `@production`. Tests run in file order: the read-only checks
-first, then the hot swaps, which move the alias.
+One module-scoped stack: the S3 and MLflow servers, four registered versions of the tiny
+model (a and b; c, whose ONNX file and SHA256SUMS are rewritten together in the bucket after
+registration; d, whose gates failed), and `python -m serving` serving `@production`. Tests
+run in file order: the read-only checks first, then the hot swaps, which move the alias.
+Promotion's own rules (the head-to-head with production) are tested in test_registry; here
+the alias is moved by hand, as an operator with registry access can, or by `rollback`.
+
+No outcome depends on timing: requests are held in flight by the real lock of the base
+pipeline, and the hot swap waits for counted responses, not for seconds.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +34,10 @@ import servers
 import torch
 import yaml
 from PIL import Image
+from test_registry import FAILING_METRICS, PASSING_METRICS, make_report, rewrite_consistently
+from test_serving_app import running
 
+from serving.app import create_app
 from suradapter.config import Params, load_params
 from suradapter.export.onnx_export import export_text_path
 from suradapter.model.adapter import SURAdapter
@@ -58,7 +67,7 @@ HEADERS = {"X-API-Key": KEY_FROM_ENV}
 class Stack:
     url: str
     params: Params
-    versions: dict[str, str]  # a, b (good), c (tampered) -> registry version
+    versions: dict[str, str]  # a, b (good), c (rewritten), d (failed gates) -> version
     log: Path
     client: httpx.Client = field(init=False)
 
@@ -77,6 +86,16 @@ class Stack:
             time.sleep(0.2)
         tail = self.log.read_text()[-3000:]
         raise AssertionError(f"timed out waiting for {what}; /readyz: {state}\n{tail}")
+
+    def move_production(self, version: str) -> None:
+        """Point @production at `version` by hand (and @previous at the old one), bypassing
+        `promote`'s checks, as an operator with write access to the registry can."""
+        from mlflow.tracking import MlflowClient
+
+        client, name = MlflowClient(), self.params.registry.model_name
+        current = client.get_registered_model(name).aliases["production"]
+        client.set_registered_model_alias(name, "previous", str(current))
+        client.set_registered_model_alias(name, "production", version)
 
 
 def write_params(folder: Path, repo_root: Path) -> Path:
@@ -101,26 +120,17 @@ def build_version(pipeline, params: Params, folder: Path, seed: int) -> tuple[Pa
     export_text_path(
         path, params.export, folder / "export", folder / "adapter", params.base_model.id
     )
-    (folder / "eval").mkdir()
-    report = {
-        "passed": True,
-        "adapter_sha256": sha256_file(folder / "adapter/diffusion_pytorch_model.safetensors"),
-        "gates": [{"name": "smoke", "passed": True, "value": 1.0, "threshold": 0.0}],
-        "metrics": {},
-    }
-    (folder / "eval/report.json").write_text(json.dumps(report))
+    write_report(folder / "eval", folder / "adapter", params, PASSING_METRICS)
     return folder / "adapter", folder / "export", folder / "eval"
 
 
-def tamper_onnx(s3_root: Path, params: Params, version: str) -> None:
-    """Change the stored text_path.onnx of `version` behind the registry's back."""
-    from mlflow.tracking import MlflowClient
-
-    source = MlflowClient().get_model_version(params.registry.model_name, version).source
-    model_id = source.rsplit("/", 1)[-1]  # models:/m-<id>
-    stored = [p for p in s3_root.rglob("text_path.onnx") if model_id in p.as_posix()]
-    assert len(stored) == 1, f"expected one stored ONNX file for {model_id}, found {stored}"
-    stored[0].write_bytes(stored[0].read_bytes() + b"\0")
+def write_report(folder: Path, adapter: Path, params: Params, metrics: dict) -> Path:
+    """A report.json as `sur evaluate` writes it, its gates derived from `metrics`."""
+    sha = sha256_file(adapter / "diffusion_pytorch_model.safetensors")
+    report = make_report(sha, metrics, params.evaluate.gates)
+    folder.mkdir()
+    (folder / "report.json").write_text(json.dumps(report))
+    return folder
 
 
 @contextmanager
@@ -167,6 +177,7 @@ def serving_process(folder: Path, params_path: Path, repo_root: Path) -> Iterato
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, repo_root, tiny_pipeline) -> Iterator[Stack]:
     import mlflow
+    from mlflow.tracking import MlflowClient
 
     from suradapter.registry import promote, register_version
 
@@ -181,12 +192,18 @@ def stack(tmp_path_factory, repo_root, tiny_pipeline) -> Iterator[Stack]:
             patch.setenv("MLFLOW_TRACKING_URI", tracking)
             params_path = write_params(root, repo_root)
             params = load_params(params_path, profile="tiny")
-            versions = {}
+            model, versions = params.registry.model_name, {}
             for name, seed in (("a", 1), ("b", 2)):
                 folders = build_version(tiny_pipeline, params, root / name, seed)
                 versions[name] = register_version(params, *folders).version
             versions["c"] = register_version(params, *[root / "a" / p for p in PARTS]).version
-            tamper_onnx(root / "s3", params, versions["c"])
+            source = MlflowClient().get_model_version(model, versions["c"]).source
+            onnx = (root / "a" / "export" / "text_path.onnx").read_bytes()
+            rewrite_consistently(s3, source, "export/text_path.onnx", onnx + b"\0")
+            failing = write_report(root / "d-eval", root / "a" / "adapter", params, FAILING_METRICS)
+            d = register_version(params, root / "a" / "adapter", root / "a" / "export", failing)
+            assert not d.passed
+            versions["d"] = d.version
             promote(params, version=versions["a"])
             try:
                 with serving_process(root, params_path, repo_root) as url:
@@ -317,20 +334,49 @@ def test_generate_returns_a_seeded_png_and_compares_with_the_base(stack):
     assert Image.open(io.BytesIO(sized.content)).size == (32, 24)
 
 
-def test_generate_beyond_the_concurrency_limit_gets_429(stack):
-    request = {"prompt": "a red circle", "steps": 8, "width": 64, "height": 64}
-    with httpx.Client(base_url=stack.url, headers=HEADERS, timeout=120) as client:
-        results: list[int] = []
+def wait_for(predicate, what: str, timeout: float = 120.0) -> None:
+    """Return once `predicate()` holds; the timeout only stops a hung test, it decides nothing."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
 
-        def send() -> None:
-            results.append(client.post("/v1/generate", json=request).status_code)
 
-        threads = [threading.Thread(target=send) for _ in range(6)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    assert set(results) <= {200, 429} and 200 in results and 429 in results, results
+def gauge(client: httpx.Client, name: str) -> float:
+    """The value of an unlabelled gauge on /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = text_string_to_metric_families(client.get("/metrics").text)
+    return next(f.samples[0].value for f in families if f.name == name)
+
+
+def test_generate_beyond_the_concurrency_limit_gets_429(stack, tmp_path):
+    """The first request is held inside its generate slot by the base pipeline's own lock,
+    which the test takes; so the second one finds no free slot, whatever the timing."""
+    settings = stack.params.serving.model_copy(update={"cache_dir": str(tmp_path / "cache")})
+    app = create_app(stack.params, settings, (KEY_FROM_ENV.encode(),))
+    request = {"prompt": "a red circle", "steps": 1}
+    with (
+        running(app) as url,
+        httpx.Client(base_url=url, headers=HEADERS, timeout=120) as client,
+        httpx.Client(base_url=url, headers=HEADERS, timeout=120) as other,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        wait_for(lambda: client.get("/readyz").status_code == 200, "the in-process server")
+        served = app.state.slot.current
+        assert served.version == stack.versions["a"]
+        with served.base.lock:  # every render takes it: the first request waits in its slot
+            first = pool.submit(other.post, "/v1/generate", json=request)
+            wait_for(lambda: gauge(client, "sur_generate_in_progress") == 1, "a held slot")
+            refused = client.post("/v1/generate", json=request)
+            assert refused.status_code == 429, refused.text
+            assert "max_concurrent_generate" in refused.json()["detail"]
+            assert refused.headers["retry-after"] == "1"
+            assert not first.done()
+        assert first.result().status_code == 200
+        assert gauge(client, "sur_generate_in_progress") == 0
+        assert client.post("/v1/generate", json=request).status_code == 200  # the slot is free
 
 
 def test_metrics_are_prometheus_text(stack):
@@ -432,43 +478,49 @@ def test_the_web_page_shows_base_and_adapted_images_side_by_side(stack, tmp_path
 
 
 class EmbedLoad:
-    """Embed requests from `threads` threads until stopped, at most `max_requests` in all."""
+    """Embed requests from `threads` threads until stopped; each response's version is kept
+    in arrival order, so a test waits for counted responses rather than for time."""
 
-    def __init__(self, url: str, threads: int = 8, max_requests: int = 3000) -> None:
+    def __init__(self, url: str, threads: int = 4) -> None:
         self.url = url
-        self.max_requests = max_requests
-        self.sent = 0
-        self.failures: list[str] = []
         self.versions: list[str] = []
-        self._lock = threading.Lock()
+        self.failures: list[str] = []
+        self._arrived = threading.Condition()
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._worker) for _ in range(threads)]
 
-    def _take_ticket(self) -> bool:
-        with self._lock:
-            if self._stop.is_set() or self.sent >= self.max_requests:
-                return False
-            self.sent += 1
-            return True
-
     def _worker(self) -> None:
         with httpx.Client(base_url=self.url, headers=HEADERS, timeout=30) as client:
-            while self._take_ticket():
+            while not self._stop.is_set():
                 try:
                     response = client.post("/v1/embed", json={"prompts": ["a red circle"]})
-                    if response.status_code != 200:
-                        self.failures.append(f"{response.status_code}: {response.text[:200]}")
-                    else:
-                        with self._lock:
-                            self.versions.append(response.json()["version"])
                 except httpx.HTTPError as err:
-                    self.failures.append(repr(err))
-                time.sleep(0.02)
+                    failure, version = repr(err), None
+                else:
+                    ok = response.status_code == 200
+                    failure = None if ok else f"{response.status_code}: {response.text[:200]}"
+                    version = response.json()["version"] if ok else None
+                with self._arrived:
+                    if failure is not None:
+                        self.failures.append(failure)
+                    else:
+                        self.versions.append(version)
+                    self._arrived.notify_all()
+                self._stop.wait(0.01)  # pacing for a 2-core machine; it decides nothing
 
-    def wait_for_more(self, count: int, timeout: float = 60.0) -> None:
-        target, deadline = self.sent + count, time.monotonic() + timeout
-        while self.sent < min(target, self.max_requests) and time.monotonic() < deadline:
-            time.sleep(0.05)
+    def mark(self) -> int:
+        """The number of responses so far (a position in `versions`)."""
+        with self._arrived:
+            return len(self.versions)
+
+    def wait_for(self, version: str, count: int, since: int, timeout: float = 120.0) -> None:
+        """Return once `count` responses from `version` arrived after position `since`, or a
+        request failed; the timeout only stops a hung test."""
+        with self._arrived:
+            done = self._arrived.wait_for(
+                lambda: self.failures or self.versions[since:].count(version) >= count, timeout
+            )
+        assert done, f"no {count} responses from version {version}: {self.versions[since:][-9:]}"
 
     def __enter__(self) -> EmbedLoad:
         for thread in self._threads:
@@ -481,40 +533,61 @@ class EmbedLoad:
             thread.join(timeout=60)
 
 
-def test_hot_swap_under_load_promote_then_rollback_fails_no_request(stack):
-    from suradapter.registry import promote, rollback
+def test_hot_swap_under_load_move_then_rollback_fails_no_request(stack):
+    from suradapter.registry import rollback
 
     a, b = stack.versions["a"], stack.versions["b"]
     before = np.array(stack.client.post("/v1/embed", json={"prompts": ["x"]}).json()["embeddings"])
     with EmbedLoad(stack.url) as load:
-        load.wait_for_more(40)
-        promote(stack.params, version=b)
-        stack.wait_until(lambda s: s["version"] == b, f"version {b} after promote")
-        load.wait_for_more(40)
+        load.wait_for(a, 20, since=0)
+        moved = load.mark()
+        stack.move_production(b)
+        stack.wait_until(lambda s: s["version"] == b, f"version {b} after the move")
+        swapped = load.mark()
+        load.wait_for(b, 20, since=swapped)
         rollback(stack.params)
         stack.wait_until(lambda s: s["version"] == a, f"version {a} after rollback")
-        load.wait_for_more(40)
-    assert load.sent < load.max_requests, "the load ran out before both swaps were seen"
+        load.wait_for(a, 20, since=load.mark())
     assert load.failures == [], load.failures[:5]
-    seen = [v for i, v in enumerate(load.versions) if i == 0 or v != load.versions[i - 1]]
-    assert seen[0] == a and b in seen and seen[-1] == a, seen
+    assert set(load.versions[:moved]) == {a}  # nothing but a before the alias moved
+    assert b in load.versions[swapped:]
     after = np.array(stack.client.post("/v1/embed", json={"prompts": ["x"]}).json()["embeddings"])
     np.testing.assert_array_equal(before, after)
     assert stack.ready()["last_swap_error"] is None
 
 
-def test_a_version_failing_its_checksums_never_serves_and_the_error_shows(stack):
-    from suradapter.registry import promote, rollback
+def test_a_version_rewritten_with_its_sha256sums_never_serves_and_the_error_shows(stack):
+    from suradapter.registry import RegistryError, promote, rollback
 
     a, c = stack.versions["a"], stack.versions["c"]
-    promote(stack.params, version=c)
+    with pytest.raises(RegistryError, match="SHA256SUMS differs from the registry's record"):
+        promote(stack.params, version=c)  # promotion refuses it; an operator moves it anyway
+    stack.move_production(c)
     state = stack.wait_until(lambda s: s["last_swap_error"], f"the error of version {c}")
     assert state["version"] == a and state["ready"]
-    assert f"version {c}" in state["last_swap_error"]
-    assert "text_path.onnx" in state["last_swap_error"]
+    error = state["last_swap_error"]
+    assert f"version {c}" in error
+    assert "artifacts/export/text_path.onnx: sha256 differs from the registry's record" in error
     response = stack.client.post("/v1/embed", json={"prompts": ["still serving"]})
     assert response.status_code == 200 and response.json()["version"] == a
     metrics = stack.client.get("/metrics").text
     assert 'sur_model_swaps_total{result="failed"}' in metrics
     rollback(stack.params)
     stack.wait_until(lambda s: s["last_swap_error"] is None, "the error to clear after rollback")
+
+
+def test_a_version_whose_gates_failed_is_not_served_when_moved_to_production_by_hand(stack):
+    from suradapter.registry import rollback
+
+    a, d = stack.versions["a"], stack.versions["d"]
+    stack.move_production(d)
+    state = stack.wait_until(lambda s: s["last_swap_error"], f"the error of version {d}")
+    assert state["version"] == a and state["ready"]
+    error = state["last_swap_error"]
+    assert error.startswith(f"version {d}: its gate_verdict tag is 'failed' (gate retrieval_gain")
+    assert error.endswith("serving loads only versions whose gates passed")
+    response = stack.client.post("/v1/embed", json={"prompts": ["still serving"]})
+    assert response.status_code == 200 and response.json()["version"] == a
+    rollback(stack.params)
+    stack.wait_until(lambda s: s["last_swap_error"] is None, "the error to clear after rollback")
+    assert stack.ready()["version"] == a

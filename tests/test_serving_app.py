@@ -17,9 +17,11 @@ from pydantic import ValidationError
 
 from serving.auth import ApiKeyError, key_matches, load_api_keys
 from serving.metrics import ServingMetrics
+from serving.model import VersionLoadError
 from serving.settings import ServingParams, serving_params
-from serving.swap import AliasWatcher, ModelSlot
+from serving.swap import AliasWatcher, ModelSlot, require_passed_gates
 from suradapter.config import Params
+from suradapter.registry import FetchedVersion
 
 KEY = "unit-key-0123456789abcdef"
 
@@ -68,7 +70,7 @@ class FlakySource:
             raise ConnectionError("tracking server down")
         return self.version
 
-    def fetch(self, version: str, dest: Path) -> Path:
+    def fetch(self, version: str, dest: Path) -> FetchedVersion:
         raise AssertionError("the loader is replaced in these tests")
 
 
@@ -99,6 +101,14 @@ def test_a_failed_version_is_retried_only_after_retry_seconds():
     source.reachable = False
     watcher.check_once()
     assert "cannot read alias @production: tracking server down" in slot.last_error.message
+
+
+def test_only_a_version_whose_gates_passed_may_serve():
+    require_passed_gates("3", {"gate_verdict": "passed"})
+    with pytest.raises(VersionLoadError, match=r"^version 4: its gate_verdict tag is 'failed' "):
+        require_passed_gates("4", {"gate_verdict": "failed", "gate_failures": "gate x failed"})
+    with pytest.raises(VersionLoadError, match="gate_verdict tag is 'missing'"):
+        require_passed_gates("5", {})
 
 
 class ExplodingVersion:

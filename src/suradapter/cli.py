@@ -350,14 +350,18 @@ def evaluate(
     """Score the adapter against the base (and @production); exit 1 when a gate fails."""
     from suradapter.evaluate.run import require_adapter
     from suradapter.evaluate.tracked import evaluate_with_tracking
+    from suradapter.registry import RegistryError
 
     params = ctx.obj.load()
     try:
         require_adapter(adapter_dir or Path(params.evaluate.adapter_dir))
     except FileNotFoundError as err:
         fail(f"{err}: run `sur train` or pass --adapter")
-    with console.status("evaluating (generating and scoring images)"):
-        result = evaluate_with_tracking(params, adapter_dir, use_production=production)
+    try:
+        with console.status("evaluating (generating and scoring images)"):
+            result = evaluate_with_tracking(params, adapter_dir, use_production=production)
+    except RegistryError as err:  # @production named but not fetchable or verifiable
+        fail(str(err), code=1)
     for gate in result.gates:
         colour = "green" if gate.passed else "red"
         console.print(f"[{colour}]{gate.describe()}[/]", highlight=False)

@@ -393,8 +393,9 @@ class GateParams(StrictModel):
     )
     min_margin_over_production: float = Field(
         0.0,
-        description="Narrative accuracy the candidate must gain over @production (0-1 scale; "
-        "negative allows a small regression).",
+        description="The lead over @production that promotion requires: in narrative accuracy "
+        "where the oracle runs, else the smaller of the alignment-cosine and retrieval-top-1 "
+        "leads (0-1 scale; negative allows a small regression).",
     )
 
     @model_validator(mode="after")

@@ -379,7 +379,7 @@ def _evaluate(
         result, seconds, memory = _timed(device, lambda: evaluate_adapter(dry, device=device))
     except (ValueError, FileNotFoundError, OSError) as err:
         raise _stage_error("evaluate", err) from None
-    metrics, load = result.report["metrics"], result.report["load_seconds"]
+    metrics, load = result.report["metrics"], result.load_seconds
     rows = metrics["alignment"]["n"] + dry.train.batch_size  # alignment rows + 1 denoise batch
     full = (
         params.evaluate.alignment_rows + params.evaluate.denoise_batches * params.train.batch_size

@@ -1,4 +1,9 @@
-"""`sur evaluate` end to end: find @production, evaluate, write the report, log to MLflow."""
+"""`sur evaluate` end to end: find @production, evaluate, write the report, log to MLflow.
+
+The DVC `evaluate` stage runs it with `--no-production`: its report must be a function of the
+stage's inputs, and which version is in production is not one. The pipeline compares with
+production when it promotes (`suradapter.registry.challenge`).
+"""
 
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ def production_baseline(params: Params, workdir: Path) -> tuple[str, SURAdapter]
     version = resolve(params, "production")
     if version is None:
         return None
-    fetched = fetch_version(params, f"models:/{params.registry.model_name}/{version}", workdir)
+    fetched = fetch_version(params, version, workdir / "production")
     return version, load_adapter(fetched.root / "artifacts" / "adapter")
 
 
@@ -50,6 +55,7 @@ def evaluate_with_tracking(
             }
         )
         mlflow.log_metrics(headline_metrics(result.report))
+        mlflow.log_metrics({"seconds": result.seconds, "load_seconds": result.load_seconds})
         mlflow.log_artifacts(str(output), "eval")
     return result
 

@@ -1,7 +1,9 @@
-"""Download a registered version and check every file against its SHA256SUMS.
+"""Download a registered version and check every file against the registry's manifest.
 
-The download goes to a staging folder beside `dest` and is moved into place only once every
-checksum matches, so `dest` never holds a partial or tampered copy.
+The files are checked against the version's `sha256sums` tag (`manifest`), not against the
+SHA256SUMS stored beside them, so a rewrite of files and SHA256SUMS together in the bucket is
+refused. The download goes to a staging folder beside `dest` and is moved into place only
+once every checksum matches, so `dest` never holds a partial or tampered copy.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ import mlflow
 
 from suradapter.atomic import recover_dir, replace_dir, staging_dir
 from suradapter.config import Params
-from suradapter.provenance import CHECKSUMS_FILE, verify_checksums
 from suradapter.registry.errors import RegistryError
 from suradapter.registry.layout import ARTIFACTS_DIR
+from suradapter.registry.manifest import manifest_problems, recorded_manifest
 from suradapter.registry.store import connect, version_for_ref
 
 
@@ -37,13 +39,14 @@ def fetch_version(params: Params, ref: str, dest: Path) -> FetchedVersion:
     """Download version `ref` (a number or an alias) of the registered model to `dest`.
 
     The alias is resolved first, so the files are those of one version even if the alias
-    moves meanwhile. Raises RegistryError naming each file whose sha256 differs or that is
-    missing or unlisted; `dest` is then left as it was.
+    moves meanwhile. Raises RegistryError naming each file whose sha256 differs from the
+    registry's record or that is missing or unlisted; `dest` is then left as it was.
     """
     client = connect(params)
     name = params.registry.model_name
     version = version_for_ref(client, name, ref)
-    number = str(version.version)
+    number, tags = str(version.version), dict(version.tags or {})
+    recorded = recorded_manifest(tags, name, number)
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     recover_dir(dest)
@@ -51,7 +54,10 @@ def fetch_version(params: Params, ref: str, dest: Path) -> FetchedVersion:
     try:
         uri = f"models:/{name}/{number}"
         mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(staging))
-        _check(staging, name, number)
+        problems = manifest_problems(staging / ARTIFACTS_DIR, recorded)
+        if problems:
+            listed = "; ".join(f"{ARTIFACTS_DIR}/{problem}" for problem in problems)
+            raise RegistryError(f"version {number} of {name} failed its checksum check: {listed}")
     except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(err, RegistryError) or not isinstance(err, Exception):
@@ -59,17 +65,4 @@ def fetch_version(params: Params, ref: str, dest: Path) -> FetchedVersion:
         message = f"could not download version {number} of {name}: {err}"
         raise RegistryError(message) from err
     replace_dir(staging, dest)
-    return FetchedVersion(dest, number, dict(version.tags or {}))
-
-
-def _check(root: Path, name: str, version: str) -> None:
-    artifacts = root / ARTIFACTS_DIR
-    if not (artifacts / CHECKSUMS_FILE).is_file():
-        raise RegistryError(
-            f"version {version} of {name} has no {ARTIFACTS_DIR}/{CHECKSUMS_FILE}: it was not "
-            "registered by `sur register` and cannot be verified"
-        )
-    problems = verify_checksums(artifacts)
-    if problems:
-        listed = "; ".join(f"{ARTIFACTS_DIR}/{problem}" for problem in problems)
-        raise RegistryError(f"version {version} of {name} failed its checksum check: {listed}")
+    return FetchedVersion(dest, number, tags)

@@ -4,7 +4,8 @@
     <root>/artifacts/adapter/              config.json, diffusion_pytorch_model.safetensors
     <root>/artifacts/export/               text_path.onnx, export.json, tokenizer/
     <root>/artifacts/eval/                 report.json, report.md, *.png
-    <root>/artifacts/SHA256SUMS            sha256 of every file under artifacts/ (relative paths)
+    <root>/artifacts/SHA256SUMS            sha256 of every file under artifacts/ (relative paths);
+                                           also the version's `sha256sums` tag (`manifest`)
 
 Other code (serving, evaluation against @production) depends on this layout exactly.
 """
@@ -18,6 +19,7 @@ from suradapter.export.runtime import MODEL_FILE
 from suradapter.export.runtime import REPORT_FILE as EXPORT_REPORT_FILE
 from suradapter.provenance import write_checksums
 from suradapter.registry.errors import RegistryError
+from suradapter.registry.manifest import parse_checksums
 
 ARTIFACTS_DIR = "artifacts"
 ADAPTER_DIR = "adapter"
@@ -65,9 +67,4 @@ def stage_payload(staging: Path, folders: dict[str, Path]) -> dict[str, Path]:
 
 def read_checksums(path: Path) -> dict[str, str]:
     """`{relative path: sha256}` from a SHA256SUMS file."""
-    listed = {}
-    for line in path.read_text().splitlines():
-        digest, _, name = line.partition("  ")
-        if name:
-            listed[name] = digest
-    return listed
+    return parse_checksums(path.read_text())

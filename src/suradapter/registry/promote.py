@@ -6,6 +6,13 @@ runs before any alias moves, and `@production` changes in exactly one call, made
 version that passed every check. `@previous` is set first; if the production call then fails,
 `@previous` is put back as it was. A concurrent promotion is detected afterwards (the alias
 is read back) but not prevented.
+
+The checks: the version's gate verdict, re-derived from its report with this profile's gates;
+its SHA256SUMS and report against the registry's record (`manifest`); and, when another
+version is in production, a head-to-head on this project's held-out data that it must win by
+`evaluate.gates.min_margin_over_production` (`challenge`). So promotion can only improve
+production. `rollback` returns to `@previous`, a version that served before: it runs the
+first checks but no head-to-head.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from mlflow.tracking import MlflowClient
 
 from suradapter.config import Params
 from suradapter.provenance import CHECKSUMS_FILE, sha256_file
+from suradapter.registry.challenge import Challenge, ProductionNotImproved, challenge_production
 from suradapter.registry.errors import RegistryError
 from suradapter.registry.layout import (
     ADAPTER_WEIGHTS_PATH,
@@ -26,6 +34,7 @@ from suradapter.registry.layout import (
     EVAL_REPORT_PATH,
     read_checksums,
 )
+from suradapter.registry.manifest import MANIFEST_TAG, parse_checksums
 from suradapter.registry.report import judge_report, load_report
 from suradapter.registry.store import (
     CANDIDATE,
@@ -47,18 +56,31 @@ class Promotion:
     production: str
     previous: str | None
     changed: bool  # False when the version already was in production
+    challenge: Challenge | None = None  # the head-to-head with the old production, if any
 
 
-def promotion_problems(name: str, version: ModelVersion) -> list[str]:
-    """Why `version` may not serve: its verdict tag, its report and its checksums ([] if none)."""
+def _verdict_problem(tags: dict[str, str]) -> list[str]:
+    if tags.get("gate_verdict") == "passed":
+        return []
+    failures = tags.get("gate_failures", "")
+    return [
+        f"its gate_verdict is {tags.get('gate_verdict', 'missing')!r}"
+        + (f" ({failures})" if failures else "")
+    ]
+
+
+def promotion_problems(params: Params, name: str, version: ModelVersion) -> list[str]:
+    """Why `version` may not serve: its verdict tag, its report judged with this profile's
+    gates, and its SHA256SUMS and report against the registry's record ([] if none)."""
     tags = version.tags or {}
-    problems = []
-    if tags.get("gate_verdict") != "passed":
-        failures = tags.get("gate_failures", "")
-        problems.append(
-            f"its gate_verdict is {tags.get('gate_verdict', 'missing')!r}"
-            + (f" ({failures})" if failures else "")
-        )
+    problems = _verdict_problem(tags)
+    recorded = parse_checksums(tags.get(MANIFEST_TAG) or "")
+    if not recorded:
+        return [
+            *problems,
+            f"it has no '{MANIFEST_TAG}' tag (registered by an older `sur register`), so its "
+            "files cannot be checked against the registry: register it again",
+        ]
     number = str(version.version)
     with tempfile.TemporaryDirectory(prefix="sur-promote-") as scratch:
         try:
@@ -70,23 +92,24 @@ def promotion_problems(name: str, version: ModelVersion) -> list[str]:
             )
         except Exception as err:
             return [*problems, f"its eval report or SHA256SUMS cannot be read ({err})"]
-        listed = read_checksums(sums)
-        adapter_sha256 = listed.get(ADAPTER_WEIGHTS_PATH, "")
-        if listed.get(EVAL_REPORT_PATH) != sha256_file(report_path):
-            problems.append(f"its {EVAL_REPORT_PATH} does not match SHA256SUMS")
+        if read_checksums(sums) != recorded:
+            problems.append(f"its {CHECKSUMS_FILE} differs from the registry's record")
+        if recorded.get(EVAL_REPORT_PATH) != sha256_file(report_path):
+            problems.append(f"its {EVAL_REPORT_PATH} differs from the registry's record")
+        adapter_sha256 = recorded.get(ADAPTER_WEIGHTS_PATH, "")
         if tags.get("adapter_sha256") != adapter_sha256:
-            problems.append("its adapter_sha256 tag differs from the weights in SHA256SUMS")
+            problems.append("its adapter_sha256 tag differs from the weights in its manifest")
         try:
             report = load_report(report_path)
         except RegistryError as err:
             return [*problems, str(err)]
-    problems += judge_report(report, adapter_sha256).reasons
+    problems += judge_report(report, adapter_sha256, params.evaluate.gates).reasons
     return list(dict.fromkeys(problems))
 
 
-def check_promotable(name: str, version: ModelVersion) -> None:
+def check_promotable(params: Params, name: str, version: ModelVersion) -> None:
     """Raise RegistryError listing every reason `version` may not go to production."""
-    problems = promotion_problems(name, version)
+    problems = promotion_problems(params, name, version)
     if problems:
         raise RegistryError(
             f"version {version.version} of {name} cannot be promoted: {'; '.join(problems)}"
@@ -139,7 +162,8 @@ def promote(params: Params, version: str | None = None, from_alias: str | None =
     """Move `@production` to `version` (or to what `from_alias`, default `candidate`, names).
 
     The old production becomes `@previous`. Raises RegistryError for a missing version or
-    alias, or a version without a passing report; nothing moves then.
+    alias or a version without a passing report, and ProductionNotImproved when it does not
+    beat the version in production; nothing moves then.
     """
     if version is not None and from_alias is not None:
         raise RegistryError("give a version or an alias to promote from, not both")
@@ -148,16 +172,31 @@ def promote(params: Params, version: str | None = None, from_alias: str | None =
     ref = version if version is not None else "@" + (from_alias or CANDIDATE).removeprefix("@")
     target = version_for_ref(client, name, str(ref))
     aliases = aliases_of(client, name)
-    check_promotable(name, target)
+    check_promotable(params, name, target)
     number, current = str(target.version), aliases.get(PRODUCTION)
     if current == number:
         return Promotion(name, current, aliases.get(PREVIOUS), changed=False)
+    challenge = None
+    if current is not None:
+        challenge = challenge_production(params, client, target, get_version(client, name, current))
+        if not challenge.passed:
+            raise ProductionNotImproved(
+                f"version {number} of {name} cannot be promoted: {challenge.describe()}; "
+                f"@production stays at version {current}"
+            )
+        now = aliases_of(client, name).get(PRODUCTION)
+        if now != current:
+            raise RegistryError(
+                f"@production of {name} moved from version {current} to {now} while version "
+                f"{number} was compared with it; nothing moved: promote again"
+            )
     move_production(client, name, number, current, aliases.get(PREVIOUS))
-    return Promotion(name, number, current or aliases.get(PREVIOUS), changed=True)
+    return Promotion(name, number, current or aliases.get(PREVIOUS), True, challenge)
 
 
 def rollback(params: Params) -> Promotion:
-    """Swap `@production` and `@previous`. Raises RegistryError when there is no `@previous`."""
+    """Swap `@production` and `@previous`. Raises RegistryError when there is no `@previous`
+    or it fails its checks (no head-to-head: it served before)."""
     client = connect(params)
     name = params.registry.model_name
     aliases = aliases_of(client, name)
@@ -167,6 +206,6 @@ def rollback(params: Params) -> Promotion:
     if previous == current:
         raise RegistryError(f"nothing to roll back: @previous and @production are both {current}")
     target = get_version(client, name, previous)
-    check_promotable(name, target)
+    check_promotable(params, name, target)
     move_production(client, name, previous, current, previous)
     return Promotion(name, previous, current or previous, changed=True)

@@ -7,9 +7,11 @@ Input is a list of prompt strings (MLflow checks it against the `list[str]` type
 bare string is refused; a one-column DataFrame of strings also works). It runs the exported
 ONNX text path (`artifacts/export/text_path.onnx`) with the tokenizer saved beside it,
 padding and truncating exactly as the Stable Diffusion pipeline does; the output is what
-`StableDiffusionPipeline(prompt_embeds=...)` takes. Loading checks every file under
-artifacts/ against SHA256SUMS first (`model_config={"verify_checksums": False}` skips it),
-and ORT providers follow `model_config["providers"]` (those unusable here are skipped).
+`StableDiffusionPipeline(prompt_embeds=...)` takes. Loading first checks every file under
+artifacts/ against the manifest the registry records for the version (its `sha256sums` tag,
+found through the run that logged the model; see `manifest`), not against the SHA256SUMS in
+the bucket; `model_config={"verify_checksums": False}` skips the check. ORT providers follow
+`model_config["providers"]` (those unusable here are skipped).
 The version's pyfunc code is this installed package (see `pyfunc_entry.py`), so loading
 needs `suradapter` importable: use `--env-manager local` with `mlflow models serve`.
 """
@@ -21,11 +23,12 @@ from typing import Any
 
 import mlflow
 import numpy as np
+import yaml
 
 from suradapter.export.runtime import OnnxTextPath
-from suradapter.provenance import verify_checksums
 from suradapter.registry.errors import RegistryError
 from suradapter.registry.layout import TOKENIZER_DIR
+from suradapter.registry.manifest import manifest_problems, recorded_manifest
 
 DEFAULT_PROVIDERS = ["cuda", "cpu"]
 
@@ -61,6 +64,30 @@ def as_prompts(model_input: Any) -> list[str]:
     return prompts
 
 
+def registered_manifest(model_root: Path, registered_model: str) -> tuple[str, dict[str, str]]:
+    """(version, manifest) the registry records for the model whose files are at `model_root`.
+
+    The version is the one of `registered_model` created from the run in `MLmodel`. Raises
+    RegistryError when there is no such version, or it records no manifest.
+    """
+    from mlflow.tracking import MlflowClient
+
+    meta = yaml.safe_load((model_root / "MLmodel").read_text()) or {}
+    run_id, model_id = meta.get("run_id"), meta.get("model_id")
+    client = MlflowClient()
+    found = client.search_model_versions(f"name = '{registered_model}' and run_id = '{run_id}'")
+    found = [v for v in found if not model_id or getattr(v, "model_id", None) in (None, model_id)]
+    if len(found) != 1:
+        raise RegistryError(
+            f"{len(found)} versions of {registered_model} were registered from run {run_id} "
+            f"(at {client.tracking_uri}), so the files under {model_root} cannot be checked "
+            "against the registry's record; load a registered version (models:/NAME/N), or "
+            'pass model_config={"verify_checksums": False} to load it unchecked'
+        )
+    version = str(found[0].version)
+    return version, recorded_manifest(dict(found[0].tags or {}), registered_model, version)
+
+
 class AdaptedTextPathModel(mlflow.pyfunc.PythonModel):
     """`predict(prompts)` -> adapted prompt embeddings, numpy float32 [N, T, D]."""
 
@@ -68,10 +95,19 @@ class AdaptedTextPathModel(mlflow.pyfunc.PythonModel):
         config = context.model_config or {}
         export = Path(context.artifacts["export"])
         if config.get("verify_checksums", True):
-            problems = verify_checksums(export.parent)
+            name = config.get("registered_model")
+            if not name:
+                raise RegistryError(
+                    f"the model under {export.parent.parent} was logged without its registered "
+                    "model name (an older `sur register`), so its files cannot be checked "
+                    "against the registry: register it again"
+                )
+            version, recorded = registered_manifest(export.parent.parent, name)
+            problems = manifest_problems(export.parent, recorded)
             if problems:
                 raise RegistryError(
-                    f"model files under {export.parent} fail SHA256SUMS: {'; '.join(problems)}"
+                    f"version {version} of {name}: the files under {export.parent} fail the "
+                    f"registry's record: {'; '.join(problems)}"
                 )
         providers = list(config.get("providers") or DEFAULT_PROVIDERS)
         cache = config.get("trt_cache_dir")

@@ -1,9 +1,11 @@
 """`sur register`: log the adapter, its ONNX export and eval report as a new registered version.
 
-Order: check the inputs, judge the report, stage the files with SHA256SUMS, upload them as a
-pyfunc model, create the version with its lineage tags, and only then set `@candidate` (when
-the report passes). Nothing is registered if the upload fails; if anything fails after the
-version exists, the version is deleted again, so a half-made version never carries an alias.
+Order: check the inputs, judge the report (re-deriving its gates; a report that contradicts
+itself is refused), stage the files with SHA256SUMS, upload them as a pyfunc model, create the
+version with its lineage tags and the manifest (`sha256sums`, the files' trust anchor), and
+only then set `@candidate` (when the report passes). Nothing is registered if the upload
+fails; if anything fails after the version exists, the version is deleted again, so a
+half-made version never carries an alias.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from suradapter.registry.layout import (
     stage_payload,
 )
 from suradapter.registry.lineage import lineage_tags
+from suradapter.registry.manifest import MANIFEST_TAG, manifest_tag
 from suradapter.registry.report import judge_report, load_report
 from suradapter.registry.store import CANDIDATE, connect, experiment_id
 
@@ -119,14 +122,22 @@ def register_version(
 ) -> RegisteredVersion:
     """Register a new version of `params.registry.model_name`; `@candidate` if its report passes.
 
-    Returns the version, run, verdict and aliases. Raises RegistryError (inputs, upload, registry).
+    Returns the version, run, verdict and aliases. Raises RegistryError (inputs, a report that
+    contradicts itself, upload, registry).
     """
     folders = {ADAPTER_DIR: adapter_dir, EXPORT_DIR: export_dir, EVAL_DIR: eval_dir}
     folders = {part: Path(folder) for part, folder in folders.items()}
     check_inputs(folders)
     adapter_sha256 = sha256_file(folders[ADAPTER_DIR] / ADAPTER_WEIGHTS)
     check_export_matches(folders[EXPORT_DIR], adapter_sha256)
-    verdict = judge_report(load_report(folders[EVAL_DIR] / EVAL_REPORT_FILE), adapter_sha256)
+    report_path = folders[EVAL_DIR] / EVAL_REPORT_FILE
+    verdict = judge_report(load_report(report_path), adapter_sha256, params.evaluate.gates)
+    if verdict.contradictions:
+        raise RegistryError(
+            f"{report_path} contradicts its own values, so it was not written as it is by "
+            f"`sur evaluate`: {'; '.join(verdict.contradictions)}. Nothing was registered; "
+            "run `sur evaluate` again"
+        )
     tags = lineage_tags(params, adapter_sha256, verdict)
     name = params.registry.model_name
     client = connect(params)
@@ -138,11 +149,12 @@ def register_version(
         ) from err
     with tempfile.TemporaryDirectory(prefix="sur-register-") as staging:
         artifacts = stage_payload(Path(staging), folders)
+        version_tags = tags | {MANIFEST_TAG: manifest_tag(artifacts["checksums"])}
         with mlflow.start_run(experiment_id=experiment, run_name="register", tags=tags) as run:
             run_id = run.info.run_id
             info = _log_pyfunc(params, artifacts, client.tracking_uri)
             try:
-                version = _create_version(client, name, info, run_id, tags)
+                version = _create_version(client, name, info, run_id, version_tags)
                 aliases = []
                 if verdict.passed:
                     client.set_registered_model_alias(name, CANDIDATE, version)
@@ -170,6 +182,7 @@ def _log_pyfunc(params: Params, artifacts: dict[str, Path], tracking: str) -> Mo
                 "providers": list(params.export.providers),
                 "trt_cache_dir": params.export.trt_cache_dir,
                 "verify_checksums": True,
+                "registered_model": params.registry.model_name,
             },
         )
     except Exception as err:
