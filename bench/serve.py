@@ -19,6 +19,7 @@ own share), swap_requests and swap_failed_requests.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -114,6 +115,7 @@ def run_load(
     return result
 
 
+@functools.cache
 def load_servers_module():
     """The tests' real S3 (rclone) and MLflow server helpers, tests/servers.py."""
     spec = importlib.util.spec_from_file_location("servers", REPO / "tests" / "servers.py")
@@ -144,18 +146,6 @@ PASSING_METRICS = {
         "retrieval_top1": {"base": 0.2, "adapter": 0.6},
     },
 }
-
-
-def move_production(params: Params, version: str) -> None:
-    """Point @production at `version` (and @previous at the old one), as `promote` does once
-    its head-to-head is won: the bench has no held-out data for that comparison, and what it
-    times is the serving side of the swap."""
-    from mlflow.tracking import MlflowClient
-
-    client, name = MlflowClient(), params.registry.model_name
-    current = client.get_registered_model(name).aliases["production"]
-    client.set_registered_model_alias(name, "previous", str(current))
-    client.set_registered_model_alias(name, "production", version)
 
 
 def build_version(pipeline, params: Params, folder: Path, seed: int) -> list[Path]:
@@ -250,7 +240,9 @@ def swap_under_load(
 
     load.start()
     time.sleep(1.0)
-    move_production(params, versions["b"])
+    # As `promote` would once its head-to-head is won: the bench has no held-out data for that
+    # comparison, and what it times is the serving side of the swap.
+    load_servers_module().move_production(params.registry.model_name, versions["b"])
     wait_for(versions["b"])
     rollback(params)
     wait_for(versions["a"])

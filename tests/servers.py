@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,3 +113,28 @@ def mlflow_server(root: Path, artifacts: str) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             process.kill()
         log.close()
+
+
+@contextmanager
+def registry_servers(
+    root: Path, setenv: Callable[[str, str], None]
+) -> Iterator[tuple[str, S3Server]]:
+    """An S3 server and an MLflow server (SQLite store, artifacts on that S3) under `root`;
+    yields (MLflow URL, S3 server). The S3 environment is set with `setenv` first (e.g. a
+    MonkeyPatch's), so the MLflow server and this process's clients inherit it."""
+    with s3_server(root / "s3", ("mlflow",)) as s3:
+        for key, value in s3_env(s3.endpoint).items():
+            setenv(key, value)
+        with mlflow_server(root / "mlflow", "s3://mlflow/artifacts") as url:
+            yield url, s3
+
+
+def move_production(model_name: str, version: str) -> None:
+    """Point @production at `version` by hand (and @previous at the old one), bypassing
+    `promote`'s checks, as an operator with write access to the registry can."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    current = client.get_registered_model(model_name).aliases["production"]
+    client.set_registered_model_alias(model_name, "previous", str(current))
+    client.set_registered_model_alias(model_name, "production", version)

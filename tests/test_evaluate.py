@@ -245,12 +245,9 @@ def registry_url(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval-registry")
     with (
         pytest.MonkeyPatch.context() as patch,
-        servers.s3_server(root / "s3", ("mlflow",)) as s3,
+        servers.registry_servers(root, patch.setenv) as (url, _),
     ):
-        for key, value in servers.s3_env(s3.endpoint).items():
-            patch.setenv(key, value)
-        with servers.mlflow_server(root / "mlflow", "s3://mlflow/artifacts") as url:
-            yield url
+        yield url
     mlflow.set_tracking_uri(None)
 
 

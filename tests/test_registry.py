@@ -142,12 +142,9 @@ def registry_servers(tmp_path_factory):
     root = tmp_path_factory.mktemp("registry-servers")
     with (
         pytest.MonkeyPatch.context() as patch,
-        servers.s3_server(root / "s3", ("mlflow",)) as s3,
+        servers.registry_servers(root, patch.setenv) as (url, s3),
     ):
-        for key, value in servers.s3_env(s3.endpoint).items():
-            patch.setenv(key, value)  # the MLflow server inherits these
-        with servers.mlflow_server(root / "mlflow", "s3://mlflow/artifacts") as url:
-            yield Servers(url, s3)
+        yield Servers(url, s3)
     mlflow.set_tracking_uri(None)
 
 

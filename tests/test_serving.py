@@ -88,14 +88,8 @@ class Stack:
         raise AssertionError(f"timed out waiting for {what}; /readyz: {state}\n{tail}")
 
     def move_production(self, version: str) -> None:
-        """Point @production at `version` by hand (and @previous at the old one), bypassing
-        `promote`'s checks, as an operator with write access to the registry can."""
-        from mlflow.tracking import MlflowClient
-
-        client, name = MlflowClient(), self.params.registry.model_name
-        current = client.get_registered_model(name).aliases["production"]
-        client.set_registered_model_alias(name, "previous", str(current))
-        client.set_registered_model_alias(name, "production", version)
+        """Point @production at `version` by hand, bypassing `promote`'s checks."""
+        servers.move_production(self.params.registry.model_name, version)
 
 
 def write_params(folder: Path, repo_root: Path) -> Path:
@@ -184,32 +178,29 @@ def stack(tmp_path_factory, repo_root, tiny_pipeline) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("serving")
     with (
         pytest.MonkeyPatch.context() as patch,
-        servers.s3_server(root / "s3", ("mlflow",)) as s3,
+        servers.registry_servers(root, patch.setenv) as (tracking, s3),
     ):
-        for key, value in servers.s3_env(s3.endpoint).items():
-            patch.setenv(key, value)
-        with servers.mlflow_server(root / "mlflow", "s3://mlflow/artifacts") as tracking:
-            patch.setenv("MLFLOW_TRACKING_URI", tracking)
-            params_path = write_params(root, repo_root)
-            params = load_params(params_path, profile="tiny")
-            model, versions = params.registry.model_name, {}
-            for name, seed in (("a", 1), ("b", 2)):
-                folders = build_version(tiny_pipeline, params, root / name, seed)
-                versions[name] = register_version(params, *folders).version
-            versions["c"] = register_version(params, *[root / "a" / p for p in PARTS]).version
-            source = MlflowClient().get_model_version(model, versions["c"]).source
-            onnx = (root / "a" / "export" / "text_path.onnx").read_bytes()
-            rewrite_consistently(s3, source, "export/text_path.onnx", onnx + b"\0")
-            failing = write_report(root / "d-eval", root / "a" / "adapter", params, FAILING_METRICS)
-            d = register_version(params, root / "a" / "adapter", root / "a" / "export", failing)
-            assert not d.passed
-            versions["d"] = d.version
-            promote(params, version=versions["a"])
-            try:
-                with serving_process(root, params_path, repo_root) as url:
-                    yield Stack(url, params, versions, root / "serving.log")
-            finally:
-                mlflow.set_tracking_uri(None)
+        patch.setenv("MLFLOW_TRACKING_URI", tracking)
+        params_path = write_params(root, repo_root)
+        params = load_params(params_path, profile="tiny")
+        model, versions = params.registry.model_name, {}
+        for name, seed in (("a", 1), ("b", 2)):
+            folders = build_version(tiny_pipeline, params, root / name, seed)
+            versions[name] = register_version(params, *folders).version
+        versions["c"] = register_version(params, *[root / "a" / p for p in PARTS]).version
+        source = MlflowClient().get_model_version(model, versions["c"]).source
+        onnx = (root / "a" / "export" / "text_path.onnx").read_bytes()
+        rewrite_consistently(s3, source, "export/text_path.onnx", onnx + b"\0")
+        failing = write_report(root / "d-eval", root / "a" / "adapter", params, FAILING_METRICS)
+        d = register_version(params, root / "a" / "adapter", root / "a" / "export", failing)
+        assert not d.passed
+        versions["d"] = d.version
+        promote(params, version=versions["a"])
+        try:
+            with serving_process(root, params_path, repo_root) as url:
+                yield Stack(url, params, versions, root / "serving.log")
+        finally:
+            mlflow.set_tracking_uri(None)
 
 
 def test_health_is_public_and_ready_names_the_production_version(stack):
