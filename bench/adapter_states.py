@@ -14,15 +14,20 @@ Candidates, in one run:
 - `adapter`: the adapter built from `params.yaml` (with its token mixer when one is set),
   trained with its alignment and preservation distances and the `train` learning rate, batch
   and steps;
+- `states_mixer` (with `--states-mixer`): the same adapter, but its token mixer reads the
+  encoder's output states instead of the token embeddings (the design before issue 18);
 - `token_mlp` (with `--token-mlp`): a wider token model (per-token MLP to `--hidden`,
   learned positions, pre-norm transformer), the design the README says closes most of
   the gap, at a cost.
 
     .venv/bin/python bench/adapter_states.py [--steps N] [--batch-size N] [--lr X]
-        [--distance mse] [--extra-rows N] [--token-mlp [--hidden N]]
+        [--distance mse] [--extra-rows N] [--states-mixer] [--token-mlp [--hidden N]]
 
-Prints `RESULT <candidate>_<set>_<attribute> <accuracy>` and
-`RESULT <candidate>_keyword_deviation <relative change of keyword embeddings>`.
+Prints `RESULT <candidate>_<set>_<attribute> <accuracy>`,
+`RESULT <candidate>_keyword_deviation <relative change of keyword embeddings>` and
+`RESULT <candidate>_float_noise_gain <x>`: how many times a relative 1e-6 perturbation of the
+frozen states (another runtime's rounding) grows at the output, max over elements, the worst
+of 5 draws. The export's parity is about this gain times the runtimes' state difference.
 """
 
 from __future__ import annotations
@@ -49,15 +54,17 @@ from suradapter.data.shapes import (
 from suradapter.evaluate.semantic import HELDOUT_COMBINATIONS, HELDOUT_TEMPLATES, prompt_sets
 from suradapter.model.adapter import SURAdapter
 from suradapter.model.losses import feature_distance
+from suradapter.model.text_path import token_embeddings
 from suradapter.model.zoo import load_base_from_params
 
 ATTRIBUTES = ("count", "colour", "shape")
-Encoded = tuple[torch.Tensor, torch.Tensor]  # states [B, T, D], attention mask [B, T]
-Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# states [B, T, D], attention mask [B, T], token embeddings [B, T, D]
+Encoded = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+Model = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class StateEncoder:
-    """The frozen base tokenizer + text encoder, prompts -> (states, mask)."""
+    """The frozen base tokenizer + text encoder, prompts -> (states, mask, token embeddings)."""
 
     def __init__(self, params: Params) -> None:
         pipeline = load_base_from_params(params.base_model)
@@ -72,7 +79,9 @@ class StateEncoder:
             truncation=True,
             return_tensors="pt",
         )
-        return self.text_encoder(tokens.input_ids)[0].float(), tokens.attention_mask
+        states = self.text_encoder(tokens.input_ids)[0].float()
+        embedded = token_embeddings(self.text_encoder, tokens.input_ids).float()
+        return states, tokens.attention_mask, embedded
 
 
 def training_pairs(params: Params, extra_rows: int, seed: int) -> tuple[list[str], list[str]]:
@@ -116,7 +125,7 @@ def fit_ridge(narrative: Encoded, keyword: torch.Tensor, scale: Callable, lam: f
     mean = target.mean(0)
     gram = flat.T @ flat + lam * torch.eye(flat.shape[1])
     weights = torch.linalg.solve(gram, flat.T @ (target - mean))
-    return lambda states, mask: (scale(states).flatten(1) @ weights + mean).view_as(states)
+    return lambda states, mask, tokens: (scale(states).flatten(1) @ weights + mean).view_as(states)
 
 
 def train_model(
@@ -141,9 +150,10 @@ def train_model(
             group["lr"] = lr * warm * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
         rows = torch.randint(0, len(narrative[0]), (batch_size,), generator=generator)
         states, target = narrative[0][rows], keyword[0][rows]
-        loss = feature_distance(forward(states, narrative[1][rows]), target, align.distance)
+        adapted = forward(states, narrative[1][rows], narrative[2][rows])
+        loss = feature_distance(adapted, target, align.distance)
         if keep.weight > 0:
-            kept = forward(target, keyword[1][rows])
+            kept = forward(target, keyword[1][rows], keyword[2][rows])
             loss = loss + keep.weight * feature_distance(kept, target, keep.distance)
         optimiser.zero_grad()
         loss.backward()
@@ -162,11 +172,27 @@ def retrieval(outputs: torch.Tensor, truth: list, keywords: torch.Tensor, combos
     ]
 
 
+def float_noise_gain(model: Model, encoded: Encoded, relative: float = 1e-6) -> float:
+    """Max |output change| / max |state change| for a relative `relative` perturbation of the
+    states (token embeddings are a lookup, exact in every runtime); worst of 5 draws."""
+    states, mask, tokens = encoded
+    generator = torch.Generator().manual_seed(0)
+    clean = model(states, mask, tokens)
+    gains = []
+    for _ in range(5):
+        sign = torch.rand(states.shape, generator=generator) * 2 - 1
+        change = sign * relative * states.abs().clamp_min(1e-3)
+        moved = model(states + change, mask, tokens)
+        gains.append(float((moved - clean).abs().max() / change.abs().max()))
+    return max(gains)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, help="default: train.max_steps")
     parser.add_argument("--batch-size", type=int, help="default: train.batch_size")
     parser.add_argument("--extra-rows", type=int, default=0)
+    parser.add_argument("--states-mixer", action="store_true")
     parser.add_argument("--token-mlp", action="store_true")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--ridge-lambda", type=float, default=1.0)
@@ -207,20 +233,24 @@ def main() -> None:
         return (states - mean) / std
 
     candidates: dict[str, Model] = {
-        "base": lambda states, mask: states,
+        "base": lambda states, mask, tokens: states,
         "ridge": fit_ridge(narrative, keyword[0], scale, args.ridge_lambda),
     }
     width = narrative[0].shape[-1]
     adapter_params = params.adapter.model_copy(update={"teacher_dim": None})
     adapter = SURAdapter.from_params(adapter_params, width, narrative[0].shape[1])
-    if adapter.has_token_mixer:  # standardised on training states, as `sur train` does
-        adapter.mixer.fit_statistics([narrative[0], keyword[0]])
+    if adapter.has_token_mixer:  # standardised on training prompts, as `sur train` does
+        adapter.mixer.fit_statistics([narrative[2], keyword[2]])
     trainable: dict[str, tuple[nn.Module, Model]] = {
-        "adapter": (adapter, lambda s, m: adapter(s, m).adapted)
+        "adapter": (adapter, lambda s, m, t: adapter(s, m, t).adapted)
     }
+    if args.states_mixer and adapter.has_token_mixer:
+        previous = SURAdapter.from_params(adapter_params, width, narrative[0].shape[1])
+        previous.mixer.fit_statistics([narrative[0], keyword[0]])
+        trainable["states_mixer"] = (previous, lambda s, m, t: previous(s, m, s).adapted)
     if args.token_mlp:
         token_model = TokenMLP(width, narrative[0].shape[1], args.hidden, depth=2)
-        trainable["token_mlp"] = (token_model, lambda s, m: s + token_model(scale(s), m))
+        trainable["token_mlp"] = (token_model, lambda s, m, t: s + token_model(scale(s), m))
     for name, (module, forward) in trainable.items():
         seconds = train_model(module, forward, narrative, keyword, params, steps, batch_size)
         print(f"{name}: {steps} steps in {seconds:.0f} s")
@@ -230,14 +260,15 @@ def main() -> None:
     with torch.no_grad():
         for name, model_fn in candidates.items():
             for set_name, label in short.items():
-                (states, mask), truth = evaluation[set_name]
-                scores = retrieval(model_fn(states, mask), truth, keyword_bank, combos)
+                encoded, truth = evaluation[set_name]
+                scores = retrieval(model_fn(*encoded), truth, keyword_bank, combos)
                 results += [
                     (f"{name}_{label}_{a}", s) for a, s in zip(ATTRIBUTES, scores, strict=True)
                 ]
-            (states, mask), _ = evaluation["keyword"]
-            change = (model_fn(states, mask) - states).norm() / states.norm()
+            encoded, _ = evaluation["keyword"]
+            change = (model_fn(*encoded) - encoded[0]).norm() / encoded[0].norm()
             results.append((f"{name}_keyword_deviation", float(change)))
+            results.append((f"{name}_float_noise_gain", float_noise_gain(model_fn, encoded)))
     for name, value in results:
         print(f"RESULT {name} {value:.3f}")
 

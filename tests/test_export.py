@@ -23,7 +23,8 @@ from suradapter.export.runtime import (
     gpu_present,
 )
 from suradapter.model.adapter import SURAdapter
-from suradapter.model.text_path import AdaptedTextPath
+from suradapter.model.text_path import AdaptedTextPath, token_embeddings
+from suradapter.model.token_mixer import MIXER_INPUT
 from suradapter.model.zoo import load_base_pipeline
 from suradapter.provenance import sha256_file
 
@@ -43,14 +44,15 @@ def pipeline():
 def trained_like_adapter(pipeline, mode: str, folder: Path) -> SURAdapter:
     """A saved adapter whose zero-initialised parts have moved (so it changes the output).
 
-    In fixed mode it has a token mixer standardised on the pipeline's own CLIP states, where
-    the first token's states are constant: the case that must not amplify float noise.
+    In fixed mode it has a token mixer standardised on the token embeddings of prompts, where
+    the first token (BOS) is constant and zeroed.
     """
     width = pipeline.text_encoder.config.hidden_size
     mixer = None
     if mode == "fixed":
         tokens = pipeline.tokenizer.model_max_length
         mixer = {"tokens": tokens, "hidden": 16, "token_hidden": 8, "depth": 1}
+        mixer["reads"] = MIXER_INPUT
     adapter = SURAdapter(
         width=width,
         depth=2,
@@ -67,7 +69,7 @@ def trained_like_adapter(pipeline, mode: str, folder: Path) -> SURAdapter:
             path = AdaptedTextPath.from_pipeline(pipeline, adapter)
             fitting = [f"{n} {c} shapes on a table" for n in "123" for c in ("red", "blue", "a")]
             ids = path.tokenize(PROMPTS + fitting).input_ids
-            adapter.mixer.fit_statistics([path.encode_text(ids)])
+            adapter.mixer.fit_statistics([token_embeddings(pipeline.text_encoder, ids)])
             assert not adapter.mixer.input_scale[0].any()  # the constant first token
             adapter.mixer.output.weight.normal_(0.0, 0.2, generator=generator)
     adapter.save_pretrained(folder)

@@ -1,6 +1,9 @@
-"""The fixed-mode token mixer: zero-init, fitted standardisation, token mixing, errors."""
+"""The fixed-mode token mixer: zero-init, fitted standardisation, token mixing, errors, and
+its input: the prompt's token embeddings, so the encoder states' float noise never reaches it."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -8,10 +11,11 @@ from test_adapter import trained_looking
 
 from suradapter.config import AdapterParams, TokenMixerParams
 from suradapter.model.adapter import SURAdapter
-from suradapter.model.token_mixer import TokenMixer
+from suradapter.model.text_path import AdaptedTextPath, token_embeddings
+from suradapter.model.token_mixer import MIXER_INPUT, TokenMixer
 
 WIDTH, TOKENS = 16, 6
-MIXER = {"tokens": TOKENS, "hidden": 24, "token_hidden": 8, "depth": 2}
+MIXER = {"tokens": TOKENS, "hidden": 24, "token_hidden": 8, "depth": 2, "reads": MIXER_INPUT}
 
 
 def adapter_with_mixer(**kwargs) -> SURAdapter:
@@ -21,9 +25,9 @@ def adapter_with_mixer(**kwargs) -> SURAdapter:
 def test_an_untrained_mixer_changes_nothing():
     plain = SURAdapter(width=WIDTH, num_heads=4, ff_dim=32).eval()
     mixed = adapter_with_mixer().eval()
-    x = torch.randn(3, TOKENS, WIDTH)
+    x, tokens = torch.randn(3, TOKENS, WIDTH), torch.randn(3, TOKENS, WIDTH)
     with torch.no_grad():
-        out = mixed(x)
+        out = mixed(x, None, tokens)
         torch.testing.assert_close(out.adapted, plain(x).adapted, rtol=0, atol=0)
     assert not out.mixer_output.any()
     assert plain(x).mixer_output is None
@@ -70,7 +74,8 @@ def test_the_mixer_moves_information_between_tokens_of_one_prompt_only():
 
 def test_every_mixer_parameter_receives_gradient():
     adapter = trained_looking(adapter_with_mixer())
-    adapter(torch.randn(2, TOKENS, WIDTH)).adapted.pow(2).sum().backward()
+    x = torch.randn(2, TOKENS, WIDTH)
+    adapter(x, None, torch.randn(2, TOKENS, WIDTH)).adapted.pow(2).sum().backward()
     missing = [n for n, p in adapter.mixer.named_parameters() if p.grad is None or not p.grad.any()]
     assert missing == []
     assert not any(name.startswith("mixer.input_") for name, _ in adapter.named_parameters())
@@ -108,14 +113,16 @@ def test_save_and_load_keep_the_mixer_and_its_statistics(tmp_path):
     assert loaded.config.token_mixer == MIXER
     for name, value in adapter.state_dict().items():
         assert torch.equal(value, loaded.state_dict()[name]), name
-    x = torch.randn(2, TOKENS, WIDTH)
+    x, tokens = torch.randn(2, TOKENS, WIDTH), torch.randn(2, TOKENS, WIDTH)
     with torch.no_grad():
-        torch.testing.assert_close(loaded(x).adapted, adapter.eval()(x).adapted)
+        torch.testing.assert_close(
+            loaded(x, None, tokens).adapted, adapter.eval()(x, None, tokens).adapted
+        )
 
 
 def test_wrong_prompt_length_names_the_expected_length():
     with pytest.raises(ValueError, match=f"padded to {TOKENS} tokens, got 5"):
-        adapter_with_mixer()(torch.randn(2, 5, WIDTH))
+        adapter_with_mixer()(torch.randn(2, 5, WIDTH), None, torch.randn(2, 5, WIDTH))
 
 
 def test_reference_mode_refuses_a_mixer():
@@ -135,3 +142,49 @@ def test_from_params_takes_the_length_from_the_tokenizer_and_checks_it():
     assert not SURAdapter.from_params(
         params.model_copy(update={"token_mixer": None}), WIDTH
     ).has_token_mixer
+
+
+def test_the_mixer_needs_the_token_embeddings_and_says_so():
+    with pytest.raises(ValueError, match="reads the prompts' token embeddings: pass token_embed"):
+        adapter_with_mixer()(torch.randn(2, TOKENS, WIDTH))
+
+
+def test_an_adapter_whose_mixer_read_the_encoder_states_is_refused_at_load(tmp_path):
+    adapter_with_mixer().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["token_mixer"]["reads"]  # as an adapter saved before this layout
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"has no 'reads' .*retrain the adapter"):
+        SURAdapter.from_pretrained(tmp_path)
+
+
+def test_float_noise_on_the_encoder_states_never_reaches_the_mixer():
+    """Another runtime's rounding of the CLIP states (1e-6 relative) leaves the mixer's update
+    bit-identical, and the adapter's output moves by no more than the noise itself."""
+    adapter = trained_looking(adapter_with_mixer()).eval()
+    adapter.mixer.fit_statistics([torch.randn(64, TOKENS, WIDTH)])
+    states, tokens = torch.randn(4, TOKENS, WIDTH) * 3, torch.randn(4, TOKENS, WIDTH)
+    rounding = (torch.rand_like(states) * 2 - 1) * 1e-6 * states.abs()
+    with torch.no_grad():
+        clean, noisy = adapter(states, None, tokens), adapter(states + rounding, None, tokens)
+    assert clean.mixer_output.abs().max() > 0.1  # the mixer does change the output
+    assert torch.equal(clean.mixer_output, noisy.mixer_output)
+    assert (noisy.adapted - clean.adapted).abs().max() <= 2 * rounding.abs().max()
+
+
+def test_the_text_path_feeds_the_mixer_the_encoders_token_embeddings(tiny_pipeline):
+    encoder = tiny_pipeline.text_encoder
+    width = encoder.config.hidden_size
+    tokens = tiny_pipeline.tokenizer.model_max_length
+    mixer = {**MIXER, "tokens": tokens}
+    adapter = SURAdapter(width=width, num_heads=4, ff_dim=32, token_mixer=mixer)
+    adapter = trained_looking(adapter).eval()
+    path = AdaptedTextPath.from_pipeline(tiny_pipeline, adapter)
+    encoded = path.tokenize(["three red circles", "a crimson trio of rings"])
+    embedded = token_embeddings(encoder, encoded.input_ids)
+    torch.testing.assert_close(embedded, encoder.get_input_embeddings().weight[encoded.input_ids])
+    with torch.no_grad():
+        states = path.encode_text(encoded.input_ids, encoded.attention_mask)
+        expected = adapter(states, encoded.attention_mask, embedded).adapted
+        got = path(encoded.input_ids, encoded.attention_mask)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

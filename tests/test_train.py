@@ -117,7 +117,9 @@ def test_with_ema_the_saved_adapter_holds_the_ema_weights(tiny_project):
     assert moved, "the EMA shadow equals the raw weights: the EMA did nothing"
 
 
-def test_the_token_mixer_is_standardised_on_training_states_before_step_0(tiny_project):
+def test_the_token_mixer_is_standardised_on_training_token_embeddings_before_step_0(
+    tiny_project,
+):
     from suradapter.model.adapter import SURAdapter
     from suradapter.model.zoo import load_base_from_params
     from suradapter.train.adapter import fit_mixer_statistics, train_adapter
@@ -135,6 +137,11 @@ def test_the_token_mixer_is_standardised_on_training_states_before_step_0(tiny_p
     rows = min(len(data), params.adapter.token_mixer.fit_rows)
     assert fit_mixer_statistics(fresh, pipeline.text_encoder, data, params) == 2 * rows
     assert not torch.equal(fresh.mixer.input_scale, torch.ones_like(fresh.mixer.input_scale))
+    generator = torch.Generator().manual_seed(params.train.seed)
+    chosen = torch.randperm(len(data), generator=generator)[:rows]
+    ids = torch.cat([data.narrative_ids[chosen], data.keyword_ids[chosen]])
+    table = pipeline.text_encoder.get_input_embeddings().weight.double()
+    torch.testing.assert_close(fresh.mixer.input_mean, table[ids].mean(0).float())
     torch.testing.assert_close(trained.mixer.input_mean, fresh.mixer.input_mean)
     torch.testing.assert_close(trained.mixer.input_scale, fresh.mixer.input_scale)
 

@@ -7,10 +7,11 @@ One class, two modes:
   checkpoints strictly.
 - `fixed` (default): `batch_first=True` with a key-padding mask, so attention runs over the
   tokens of each prompt; no unused weights; an optional learnable teacher projection; an
-  optional position-aware token mixer (`suradapter.model.token_mixer`) added to the output.
+  optional position-aware token mixer (`suradapter.model.token_mixer`) added to the output,
+  which reads the prompt's token embeddings.
 
-Both fuse as `out = eta * fc(attn) + (1 - eta) * x` (+ `mixer(x)`), with `fc.weight` and the
-mixer's output projection zero-initialised, so an untrained adapter changes little.
+Both fuse as `out = eta * fc(attn) + (1 - eta) * x` (+ `mixer(tokens)`), with `fc.weight` and
+the mixer's output projection zero-initialised, so an untrained adapter changes little.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 from suradapter.config import AdapterParams
-from suradapter.model.token_mixer import TokenMixer
+from suradapter.model.token_mixer import MIXER_INPUT, TokenMixer
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -105,7 +106,8 @@ class SURAdapter(ModelMixin, ConfigMixin):
         token_mixer: dict | None = None,
     ) -> None:
         """`token_mixer`: keyword arguments of `TokenMixer` (tokens, hidden, token_hidden,
-        depth) for the fixed-mode mixer branch, or None."""
+        depth) and `reads` (its input, `MIXER_INPUT`) for the fixed-mode mixer branch, or
+        None."""
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"adapter mode '{mode}' is unknown; use one of {MODES}")
@@ -122,7 +124,7 @@ class SURAdapter(ModelMixin, ConfigMixin):
             torch.manual_seed(init_seed)
             self._build(width, depth, mode, num_heads, ff_dim, dropout, teacher_dim)
             if token_mixer is not None:
-                self.mixer = TokenMixer(width, **token_mixer)  # not `token_mixer`: a config key
+                self.mixer = TokenMixer(width, **_mixer_arguments(token_mixer))
 
     def _build(
         self,
@@ -199,11 +201,16 @@ class SURAdapter(ModelMixin, ConfigMixin):
         return self.config.mode == "reference"
 
     def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_embeddings: torch.Tensor | None = None,
     ) -> SURAdapterOutput:
         """Adapt text-encoder states [B, T, D]; `attention_mask` [B, T] is 1 for real tokens.
 
-        Reference mode ignores the mask, as the reference does.
+        `token_embeddings` [B, T, D], the text encoder's input embeddings of the same prompts
+        (`suradapter.model.text_path.token_embeddings`), feed the token mixer and are required
+        when there is one. Reference mode ignores the mask, as the reference does.
         """
         if hidden_states.ndim != 3 or hidden_states.shape[-1] != self.config.width:
             raise ValueError(
@@ -220,7 +227,12 @@ class SURAdapter(ModelMixin, ConfigMixin):
         adapted = eta * fc_output + (1.0 - eta) * hidden_states
         mixer_output = None
         if self.has_token_mixer:
-            mixer_output = self.mixer(hidden_states)
+            if token_embeddings is None:
+                raise ValueError(
+                    "this adapter's token mixer reads the prompts' token embeddings: pass "
+                    "token_embeddings (suradapter.model.text_path.token_embeddings)"
+                )
+            mixer_output = self.mixer(token_embeddings)
             adapted = adapted + mixer_output
         return SURAdapterOutput(
             adapted=adapted,
@@ -300,7 +312,28 @@ def _mixer_config(params: AdapterParams, text_tokens: int | None) -> dict | None
         "hidden": mixer.hidden,
         "token_hidden": mixer.token_hidden,
         "depth": mixer.depth,
+        "reads": MIXER_INPUT,
     }
+
+
+def _mixer_arguments(config: dict) -> dict:
+    """`TokenMixer` keyword arguments from a `token_mixer` config.
+
+    Raises ValueError unless it says the mixer reads `MIXER_INPUT`: an adapter saved before
+    its mixer read token embeddings (it read the encoder's output states) has no `reads`,
+    and its weights mean something else.
+    """
+    arguments = dict(config)
+    reads = arguments.pop("reads", None)
+    if reads != MIXER_INPUT:
+        found = (
+            "has no 'reads' (saved by an earlier version)" if reads is None else f"reads {reads!r}"
+        )
+        raise ValueError(
+            f"this adapter's token_mixer config {found}; this version's mixer reads "
+            f"{MIXER_INPUT!r}: retrain the adapter"
+        )
+    return arguments
 
 
 def count_parameters(params: Iterable[nn.Parameter]) -> int:

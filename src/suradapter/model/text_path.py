@@ -17,6 +17,13 @@ from transformers import BatchEncoding, CLIPTextModel, CLIPTokenizer
 from suradapter.model.adapter import SURAdapter
 
 
+def token_embeddings(text_encoder: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The text encoder's input token embeddings [B, T, W] (a table lookup, before positions
+    are added): what the adapter's token mixer reads."""
+    table = text_encoder.get_input_embeddings()
+    return table(ids.to(table.weight.device))
+
+
 class AdaptedTextPath(nn.Module):
     """Frozen text encoder plus adapter. `forward(input_ids, attention_mask)` is exportable."""
 
@@ -72,7 +79,10 @@ class AdaptedTextPath(nn.Module):
         states = self.encode_text(input_ids, attention_mask)
         adapter_dtype = next(self.adapter.parameters()).dtype
         mask = attention_mask.to(states.device) if attention_mask is not None else None
-        adapted = self.adapter(states.to(adapter_dtype), mask).adapted
+        tokens = None
+        if self.adapter.has_token_mixer:
+            tokens = token_embeddings(self.text_encoder, input_ids).to(adapter_dtype)
+        adapted = self.adapter(states.to(adapter_dtype), mask, tokens).adapted
         return adapted.to(states.dtype)
 
     @torch.inference_mode()

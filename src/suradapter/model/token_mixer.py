@@ -1,12 +1,16 @@
 """A position-aware token mixer: the fixed-mode branch that moves information between tokens.
 
-The SUR-adapter's attention mixes raw CLIP states, whose narrative words can be faint when the
-base encoder never saw them (the shapes world). This branch standardises every (token, channel)
-feature with statistics fitted on training states (constant features are zeroed), then runs
-MLP-Mixer blocks: an MLP across
-token positions (shared over channels), then one across channels. Its output projection starts
-at zero, so an untrained branch adds nothing. Prompts must be padded to `tokens`, as the
-Stable Diffusion pipeline always does.
+It reads the prompt's token embeddings (the frozen text encoder's input table), not the
+encoder's output states. Narrative words the base encoder never saw (the shapes world) are
+faint in those states: telling them apart took a learned gain of 50-90x on a few feature
+directions, and the same gain amplified the states' float noise (ONNX Runtime vs PyTorch) to
+3e-5 at the output. A table lookup is exact in every runtime, and the word is not faint there.
+
+Every (token, channel) input feature is standardised with statistics fitted on training
+prompts (constant features, such as the first token's, are zeroed), then MLP-Mixer blocks
+run: an MLP across token positions (shared over channels), then one across channels. Its
+output projection starts at zero, so an untrained branch adds nothing. Prompts must be padded
+to `tokens`, as the Stable Diffusion pipeline always does.
 """
 
 from __future__ import annotations
@@ -15,6 +19,10 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+
+# What the mixer reads; saved in the adapter's config so an adapter whose mixer read
+# something else is refused at load (`suradapter.model.adapter`).
+MIXER_INPUT = "token_embeddings"
 
 # A feature whose fitted std is below this fraction of the features' RMS std is constant
 # (e.g. every state of the first token: CLIP's text encoder is causal). It is ignored rather
@@ -43,7 +51,8 @@ class MixerBlock(nn.Module):
 
 
 class TokenMixer(nn.Module):
-    """Standardise [B, tokens, width] states, mix, and return a zero-initialised update."""
+    """Standardise [B, tokens, width] token embeddings, mix, and return a zero-initialised
+    update of the same shape."""
 
     def __init__(self, width: int, tokens: int, hidden: int, token_hidden: int, depth: int) -> None:
         super().__init__()
@@ -58,13 +67,13 @@ class TokenMixer(nn.Module):
         nn.init.zeros_(self.output.bias)
 
     @torch.no_grad()
-    def fit_statistics(self, states: Iterable[torch.Tensor]) -> int:
-        """Set the per-(token, channel) mean and 1/std from batches of states [B, tokens, width].
+    def fit_statistics(self, inputs: Iterable[torch.Tensor]) -> int:
+        """Set the per-(token, channel) mean and 1/std from batches of inputs [B, tokens, width].
 
         Returns the number of rows seen. Raises ValueError for fewer than 2 rows.
         """
         count, total, squares = 0, 0.0, 0.0
-        for batch in states:
+        for batch in inputs:
             batch = batch.to(self.input_mean.device, torch.float64)
             count += batch.shape[0]
             total = total + batch.sum(0)
@@ -79,13 +88,13 @@ class TokenMixer(nn.Module):
         self.input_scale.copy_(torch.where(varying, 1.0 / std.clamp_min(1e-30), 0.0))
         return count
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if hidden_states.shape[1] != self.tokens:
+    def forward(self, token_embeddings: torch.Tensor) -> torch.Tensor:
+        if token_embeddings.shape[1] != self.tokens:
             raise ValueError(
                 f"the token mixer expects prompts padded to {self.tokens} tokens, "
-                f"got {hidden_states.shape[1]}"
+                f"got {token_embeddings.shape[1]}"
             )
-        standardised = (hidden_states - self.input_mean) * self.input_scale
+        standardised = (token_embeddings - self.input_mean) * self.input_scale
         features = self.lift(standardised.to(self.lift.weight.dtype))
         for block in self.blocks:
             features = block(features)

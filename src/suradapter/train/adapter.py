@@ -47,6 +47,7 @@ from suradapter.model.losses import (
     preservation_loss,
 )
 from suradapter.model.specs import check_resolution
+from suradapter.model.text_path import token_embeddings
 from suradapter.model.zoo import load_base_from_params, native_resolution
 from suradapter.provenance import sha256_file
 from suradapter.teacher.embed import ShardSpec, open_cache
@@ -148,8 +149,12 @@ def step_loss(
         else:
             mean, logvar = batch.latent_mean, batch.latent_logvar
         latents = sample_latents(mean, logvar, generator) * frozen.vae.config.scaling_factor
-    out = adapter(narrative_states, batch.narrative_mask)
     model = adapter.module if hasattr(adapter, "module") else adapter
+    narrative_tokens = keyword_tokens = None
+    if model.has_token_mixer:
+        narrative_tokens = token_embeddings(frozen.text_encoder, batch.narrative_ids)
+        keyword_tokens = token_embeddings(frozen.text_encoder, batch.keyword_ids)
+    out = adapter(narrative_states, batch.narrative_mask, narrative_tokens)
     teacher = batch.teacher.to(device)
     target_teacher = (
         model.project_teacher(teacher) if projection is None else projection(teacher)[:, None, :]
@@ -162,7 +167,7 @@ def step_loss(
     align = alignment_loss(out.adapted, keyword_states, params.loss.alignment)
     preserve = None
     if params.loss.preservation.weight > 0:
-        kept = adapter(keyword_states, batch.keyword_mask).adapted
+        kept = adapter(keyword_states, batch.keyword_mask, keyword_tokens).adapted
         preserve = preservation_loss(kept, keyword_states, params.loss.preservation)
     noise = torch.randn(latents.shape, generator=generator).to(device)
     steps = frozen.noise_scheduler.config.num_train_timesteps
@@ -188,23 +193,22 @@ def step_loss(
 def fit_mixer_statistics(
     adapter: SURAdapter, text_encoder: nn.Module, data: AdapterTrainingData, params: Params
 ) -> int:
-    """Fit the token mixer's input standardisation on frozen states of training rows.
+    """Fit the token mixer's input standardisation on the token embeddings of training rows.
 
     Uses the narrative and keyword prompts of `params.adapter.token_mixer.fit_rows` rows,
-    drawn with the train seed (all rows when there are fewer). Returns the states seen.
+    drawn with the train seed (all rows when there are fewer). Returns the prompts seen.
     """
     mixer_params = params.adapter.token_mixer
     generator = torch.Generator().manual_seed(params.train.seed)
     rows = torch.randperm(len(data), generator=generator)[: mixer_params.fit_rows]
-    device = next(text_encoder.parameters()).device
 
-    def states():
+    def inputs():
         for ids in (data.narrative_ids, data.keyword_ids):
             for chunk in rows.split(params.train.batch_size):
                 with torch.no_grad():
-                    yield text_states(text_encoder, ids[chunk].to(device)).float()
+                    yield token_embeddings(text_encoder, ids[chunk]).float()
 
-    return adapter.mixer.fit_statistics(states())
+    return adapter.mixer.fit_statistics(inputs())
 
 
 def make_optimizer(params: Params, adapter: nn.Module) -> torch.optim.Optimizer:
@@ -270,7 +274,7 @@ def train_adapter(params: Params, on_log=None, on_step=None) -> TrainResult:
     adapter = SURAdapter.for_pipeline(adapter_params, pipeline)
     if adapter.has_token_mixer:  # a resumed run reloads the same statistics from its checkpoint
         seen = fit_mixer_statistics(adapter, frozen.text_encoder, data, params)
-        accelerator.print(f"train: token mixer standardisation fitted on {seen} prompt states")
+        accelerator.print(f"train: token mixer standardisation fitted on {seen} prompts")
     projection = None
     if adapter.is_reference:
         seed = train.seed + 1
