@@ -17,6 +17,16 @@ import boto3
 
 BIN = Path(sys.executable).parent
 S3_KEY, S3_SECRET = "testkey", "testsecret"
+# The metrics of a version registered on these servers in tests and benches, as `sur evaluate`
+# writes them outside the shapes world (no oracle figures): every gate passes on them.
+PASSING_METRICS = {
+    "gap_closure_measured": False,
+    "denoise": {"keyword": {"base": 1.0, "adapter": 1.01, "relative_increase": 0.01}},
+    "alignment": {
+        "cosine": {"base": 0.6, "adapter": 0.8},
+        "retrieval_top1": {"base": 0.2, "adapter": 0.6},
+    },
+}
 
 
 def free_port() -> int:

@@ -94,3 +94,16 @@ def decide_gates(metrics: dict, params: GateParams) -> list[Gate]:
         margin = figure(metrics, "production_margin")
         gates.append(at_least("margin_over_production", margin, params.min_margin_over_production))
     return gates
+
+
+def gated_report(metrics: dict, params: GateParams, adapter_sha256: str, **context: object) -> dict:
+    """The report `sur evaluate` writes: `metrics`, the gates decided on them and the verdict,
+    for the adapter weights with `adapter_sha256`; `context` adds descriptive fields."""
+    gates = decide_gates(metrics, params)
+    return {
+        "passed": all(gate.passed for gate in gates),
+        "adapter_sha256": adapter_sha256,
+        **context,
+        "gates": [gate.as_dict() for gate in gates],
+        "metrics": metrics,
+    }

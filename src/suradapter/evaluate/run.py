@@ -32,7 +32,7 @@ from suradapter.devices import process_device
 from suradapter.evaluate.alignment import embedding_alignment
 from suradapter.evaluate.clip_score import clip_scores, load_clip
 from suradapter.evaluate.denoise import heldout_denoise_loss
-from suradapter.evaluate.gates import Gate, decide_gates
+from suradapter.evaluate.gates import Gate, gated_report
 from suradapter.evaluate.semantic import (
     HELDOUT_COMBINATIONS,
     KEYWORD,
@@ -184,20 +184,19 @@ def evaluate_adapter(
             f"{len(prompts)} held-out narrative prompts, {settings.clip_model}"
         )
 
-    gates = decide_gates(metrics, settings.gates)
-    report = {
-        "passed": all(gate.passed for gate in gates),
-        "adapter_sha256": sha256_file(folder / ADAPTER_WEIGHTS),
-        "adapter_dir": str(folder),
-        "profile": params.profile,
-        "base_model": params.base_model.id,
-        "gates": [gate.as_dict() for gate in gates],
-        "metrics": metrics,
-    }
+    report = gated_report(
+        metrics,
+        settings.gates,
+        sha256_file(folder / ADAPTER_WEIGHTS),
+        adapter_dir=str(folder),
+        profile=params.profile,
+        base_model=params.base_model.id,
+    )
     image_grid = None
     if grid and params.uses_shapes_world:
         image_grid = comparison_grid(params, adapter, grid_prompts(params), pipeline)
     seconds = time.monotonic() - started
+    gates = [Gate(**gate) for gate in report["gates"]]
     return EvaluationResult(report, gates, image_grid, round(seconds, 1), round(load_seconds, 1))
 
 
