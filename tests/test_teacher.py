@@ -183,13 +183,17 @@ def _project(tmp_path: Path, repo_root: Path, texts: list[str], **embed) -> Path
     return path
 
 
+def _embed_params(params_path: Path) -> EmbedParams:
+    return EmbedParams(**yaml.safe_load(params_path.read_text())["embed"])
+
+
 def _shards(cache_root: Path) -> list[Path]:
     return sorted(cache_root.glob("*/shards/*.safetensors"))
 
 
 def test_sigkill_mid_run_then_resume_without_recomputing(tmp_path, repo_root):
-    texts = _texts(3000)
-    params_path = _project(tmp_path, repo_root, texts, shard_size=100, batch_size=50)
+    texts = _texts(1500)
+    params_path = _project(tmp_path, repo_root, texts, shard_size=50, batch_size=50)
     command = [SUR, "--params", str(params_path), "embed"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
@@ -203,18 +207,18 @@ def test_sigkill_mid_run_then_resume_without_recomputing(tmp_path, repo_root):
     digests = {}
     for shard in finished:  # every shard on disk is complete and readable
         with safe_open(str(shard), framework="pt") as handle:
-            assert handle.get_tensor("features").shape == (100, 384)
+            assert handle.get_tensor("features").shape == (50, 384)
         digests[shard] = hashlib.sha256(shard.read_bytes()).hexdigest()
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    params = EmbedParams(**yaml.safe_load(params_path.read_text())["embed"])
+    params = _embed_params(params_path)
     cache = TeacherCache(Path(params.cache_dir), _namespace(params))
-    assert len(cache) == 3000 and not list((tmp_path / "cache").rglob(".*.tmp-*"))
+    assert len(cache) == 1500 and not list((tmp_path / "cache").rglob(".*.tmp-*"))
     rows = 0
     for shard in _shards(tmp_path / "cache"):
         with safe_open(str(shard), framework="pt") as handle:
             rows += len(json.loads(handle.metadata()["keys"]))
-    assert rows == 3000, "a text was computed twice"
+    assert rows == 1500, "a text was computed twice"
     for shard, digest in digests.items():  # finished shards were kept as they were
         assert hashlib.sha256(shard.read_bytes()).hexdigest() == digest
 
@@ -224,9 +228,7 @@ def test_two_sharded_processes_merge_to_the_single_process_cache(tmp_path, repo_
     single = _project(tmp_path / "single", repo_root, texts, shard_size=64, batch_size=32)
     split = _project(tmp_path / "split", repo_root, texts, shard_size=64, batch_size=32)
     env = {**os.environ, "COLUMNS": "200"}
-    subprocess.run(
-        [SUR, "--params", str(single), "embed"], check=True, env=env, capture_output=True
-    )
+    run_embed(_embed_params(single))  # what one `sur embed` does, in this process
     workers = [
         subprocess.Popen(
             [SUR, "--params", str(split), "embed", "--shard", f"{i}/2"],
@@ -350,7 +352,7 @@ def test_truncated_shard_is_removed_and_recomputed_by_sur_embed(tmp_path, repo_r
     texts = _texts(40)
     params_path = _project(tmp_path, repo_root, texts, shard_size=10, batch_size=10)
     command = [SUR, "--params", str(params_path), "embed"]
-    subprocess.run(command, check=True, capture_output=True, timeout=300)
+    run_embed(_embed_params(params_path))  # the first fill, in this process
     shards = _shards(tmp_path / "cache")
     assert len(shards) == 4
     damaged, kept = shards[0], shards[1:]
@@ -365,7 +367,7 @@ def test_truncated_shard_is_removed_and_recomputed_by_sur_embed(tmp_path, repo_r
     assert damaged.name == f"main-{digest}.safetensors", "rewritten whole"
     for shard, blob in kept_bytes.items():  # the good shards were neither rewritten nor lost
         assert shard.read_bytes() == blob
-    params = EmbedParams(**yaml.safe_load(params_path.read_text())["embed"])
+    params = _embed_params(params_path)
     cache = _reopen(params)
     assert set(cache.index) == {text_key(t) for t in texts}
     rows = sum(len(_shard_rows(shard)[0]) for shard in _shards(tmp_path / "cache"))
