@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import servers
 import torch
 
 from suradapter.config import load_params
-from suradapter.export.onnx_export import ExportParityError, export_text_path
+from suradapter.export.onnx_export import LOAD_OPTIONS, ExportParityError, export_text_path
 from suradapter.export.runtime import (
     MODEL_FILE,
     PROVIDERS,
@@ -211,3 +212,20 @@ def test_the_export_round_trips_through_mlflow_on_s3(fixed_export, tmp_path, mon
     tokens = path.tokenize(PROMPTS)
     again = OnnxTextPath.load(downloaded).run(tokens.input_ids, tokens.attention_mask)
     assert np.abs(again - path.encode(PROMPTS).numpy()).max() <= 1e-4
+
+
+def test_the_embedded_default_exports_within_1e5_with_a_tokenizer_free_of_load_options(
+    tmp_path, repo_root
+):
+    """On the shipped shapes base, with a mixer that moves the output: parity <= 1e-5, and
+    the saved tokenizer holds no trace of how this machine loaded it (HF_HUB_OFFLINE)."""
+    params = load_params(repo_root / "params.yaml")
+    pipeline = load_base_pipeline(str(repo_root / params.base_model.id))
+    assert "local_files_only" in pipeline.tokenizer.init_kwargs  # what loading records
+    adapter = trained_like_adapter(pipeline, "fixed", tmp_path / "adapter")
+    path = AdaptedTextPath.from_pipeline(pipeline, adapter)
+    result = export_text_path(path, params.export, tmp_path / "export", tmp_path / "adapter")
+    assert result.report["parity_max_abs_diff"] <= 1e-5
+    saved = json.loads((tmp_path / "export/tokenizer/tokenizer_config.json").read_text())
+    assert not set(saved) & set(LOAD_OPTIONS)
+    assert "local_files_only" in pipeline.tokenizer.init_kwargs  # the caller's is untouched

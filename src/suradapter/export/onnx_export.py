@@ -35,6 +35,9 @@ from suradapter.provenance import sha256_file
 
 LOG = logging.getLogger(__name__)
 EXPORTER = "torch.onnx.export(dynamo=True)"
+# Loading options transformers records in a saved tokenizer_config.json: they follow the
+# environment (HF_HUB_OFFLINE), so they would make the export's bytes differ between machines.
+LOAD_OPTIONS = ("local_files_only", "cache_dir", "token", "force_download", "proxies")
 ADAPTER_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
@@ -164,6 +167,8 @@ def _export_into(
     }
     program.model.metadata_props.update(metadata)
     program.save(str(staging / MODEL_FILE), external_data=external)
+    for option in LOAD_OPTIONS:  # how this machine loaded it is not part of the tokenizer
+        reference.tokenizer.init_kwargs.pop(option, None)
     reference.tokenizer.save_pretrained(staging / "tokenizer")
 
     exported = OnnxTextPath.load(staging, params.providers, Path(params.trt_cache_dir))
