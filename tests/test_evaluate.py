@@ -20,24 +20,30 @@ from suradapter.config import GateParams, load_params
 from suradapter.evaluate.alignment import alignment_scores
 from suradapter.evaluate.gates import decide_gates
 from suradapter.evaluate.oracle import OracleScore
-from suradapter.evaluate.semantic import gap_closure
+from suradapter.evaluate.semantic import closure_by_figure, gap_closure
 
 BIN = Path(sys.executable).parent
 
 
-def score(count: float, colour: float, shape: float) -> OracleScore:
-    return OracleScore(count, colour, shape, all=0.0, n=10)
+def score(count: float, colour: float, shape: float, all_three: float = 0.0) -> OracleScore:
+    return OracleScore(count, colour, shape, all=all_three, n=10)
 
 
 def test_gap_closure_averages_only_attributes_with_a_real_gap():
-    base_keyword, base_narrative = score(0.9, 1.0, 0.50), score(0.4, 0.2, 0.45)
-    adapter = score(0.8, 0.4, 0.9)
-    closure, used = gap_closure(base_keyword, base_narrative, adapter, min_gap_points=10)
-    assert used == ["count", "colour"]  # shape's 5-point gap is left out
+    base_keyword, base_narrative = score(0.9, 1.0, 0.50, 0.5), score(0.4, 0.2, 0.45, 0.1)
+    adapter = score(0.8, 0.4, 0.9, 0.3)
+    closures = closure_by_figure(base_keyword, base_narrative, adapter, min_gap_points=10)
+    assert closures["count"] == pytest.approx(0.4 / 0.5)
+    assert closures["colour"] == pytest.approx(0.2 / 0.8)
+    assert closures["shape"] is None  # a 5-point gap: nothing to close
+    assert closures["all"] == pytest.approx(0.2 / 0.4)  # all three right at once
+    closure, used = gap_closure(closures)
+    assert used == ["count", "colour"]
     assert closure == pytest.approx((0.4 / 0.5 + 0.2 / 0.8) / 2)
-    worse, _ = gap_closure(base_keyword, base_narrative, score(0.3, 0.1, 0.0), 10)
+    worse, _ = gap_closure(closure_by_figure(base_keyword, base_narrative, score(0.3, 0.1, 0), 10))
     assert worse < 0
-    assert gap_closure(base_keyword, base_keyword, adapter, 10) == (None, [])
+    same = closure_by_figure(base_keyword, base_keyword, adapter, 10)
+    assert gap_closure(same) == (None, []) and same["all"] is None
 
 
 def test_alignment_scores_rank_the_own_keyword_first():
@@ -139,11 +145,21 @@ def test_failing_gate_exits_non_zero_and_names_it(eval_project):
     gate = next(g for g in report["gates"] if g["name"] == "gap_closure")
     assert set(gate) >= {"name", "passed", "value", "threshold"} and gate["threshold"] == 0.6
     metrics = report["metrics"]
-    for name in ("narrative_accuracy", "keyword_accuracy"):
+    for name in ("narrative_accuracy", "template_accuracy", "keyword_accuracy"):
         assert set(metrics[name]) == {"base", "adapter"}
     assert set(metrics["semantic"]) == {
         "keyword", "narrative_heldout_combinations", "narrative_heldout_templates"
     }  # fmt: skip
+    closures = metrics["gap_closure_by_figure"]
+    assert set(closures) == {"count", "colour", "shape", "all"}
+    keyword, narrative = (
+        metrics["semantic"][s] for s in ("keyword", "narrative_heldout_combinations")
+    )
+    for name, closure in closures.items():  # the share of each figure's gap the adapter closed
+        gap = keyword["base"][name] - narrative["base"][name]
+        gain = narrative["adapter"][name] - narrative["base"][name]
+        assert closure == (pytest.approx(gain / gap) if gap * 100 >= 10 else None), name
+    assert "all three right at once" in (eval_project.parent / "eval/report.md").read_text()
     assert metrics["clip_score_note"].startswith("skipped")
     files = {p.name for p in (eval_project.parent / "eval").iterdir()}
     assert {"report.md", "attributes.png", "grid.png"} <= files

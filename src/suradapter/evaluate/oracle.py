@@ -11,6 +11,7 @@ from diffusers import StableDiffusionPipeline
 from suradapter.data.shapes import Combination, read_scene
 
 ATTRIBUTES = ("count", "colour", "shape")
+ALL_THREE = "all"  # an image with every attribute right
 EmbedFn = Callable[[list[str]], dict[str, torch.Tensor]]
 
 

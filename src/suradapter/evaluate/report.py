@@ -46,15 +46,27 @@ def markdown(report: dict) -> str:
         lines.append(f"| {gate['name']} | {mark} | {value} | {gate['rule']} {gate['threshold']} |")
     metrics = report["metrics"]
     lines.append("")
-    for name in ("narrative_accuracy", "keyword_accuracy"):
+    labels = {
+        "narrative_accuracy": "narrative accuracy, held-out combinations",
+        "template_accuracy": "narrative accuracy, held-out templates",
+        "keyword_accuracy": "keyword accuracy",
+    }
+    for name, label in labels.items():
         if metrics.get(name):
             pairs = ", ".join(f"{k} {v:.3f}" for k, v in metrics[name].items())
-            lines.append(f"- {name.replace('_', ' ')} (mean over attributes): {pairs}")
+            lines.append(f"- {label} (mean over attributes): {pairs}")
     if metrics.get("gap_closure") is not None:
         lines.append(
             f"- gap closure {metrics['gap_closure']:.3f} over {metrics['gap_closure_attributes']}"
             f"; narrative gain {metrics['narrative_gain_points']:+.1f} points"
         )
+    if metrics.get("gap_closure_by_figure"):
+        shown = {
+            k: "n/a" if v is None else f"{v:.3f}"
+            for k, v in metrics["gap_closure_by_figure"].items()
+        }
+        per = ", ".join(f"{k} {v}" for k, v in shown.items() if k != "all")
+        lines.append(f"- gap closure per attribute: {per}; all three right at once {shown['all']}")
     alignment = metrics["alignment"]
     for metric in ("cosine", "retrieval_top1"):
         pairs = ", ".join(f"{k} {v:.3f}" for k, v in alignment[metric].items())

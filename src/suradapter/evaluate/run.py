@@ -35,8 +35,10 @@ from suradapter.evaluate.denoise import heldout_denoise_loss
 from suradapter.evaluate.gates import Gate, gated_report
 from suradapter.evaluate.semantic import (
     HELDOUT_COMBINATIONS,
+    HELDOUT_TEMPLATES,
     KEYWORD,
     attribute_mean,
+    closure_by_figure,
     gap_closure,
     prompt_sets,
     score_sets,
@@ -222,18 +224,21 @@ def _semantic_metrics(
         for set_name in sets
     }
     base, adapter = scores["base"], scores["adapter"]
-    closure, used = gap_closure(
+    closures = closure_by_figure(
         base[KEYWORD], base[HELDOUT_COMBINATIONS], adapter[HELDOUT_COMBINATIONS],
         settings.min_gap_points,
     )  # fmt: skip
+    closure, used = gap_closure(closures)
     narrative = {m: attribute_mean(s[HELDOUT_COMBINATIONS]) for m, s in scores.items()}
     result = {
         "semantic": semantic,
         "semantic_n": {name: s.n for name, s in base.items()},
         "narrative_accuracy": narrative,
+        "template_accuracy": {m: attribute_mean(s[HELDOUT_TEMPLATES]) for m, s in scores.items()},
         "keyword_accuracy": {m: attribute_mean(s[KEYWORD]) for m, s in scores.items()},
         "gap_closure": closure,
         "gap_closure_attributes": used,
+        "gap_closure_by_figure": closures,
         "gap_closure_measured": True,
         "narrative_gain_points": 100 * (narrative["adapter"] - narrative["base"]),
     }

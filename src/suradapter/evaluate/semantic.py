@@ -22,7 +22,13 @@ from suradapter.evaluate.base_model import (
     narrative_set,
     split_combinations,
 )
-from suradapter.evaluate.oracle import ATTRIBUTES, EmbedFn, OracleScore, generate_and_score
+from suradapter.evaluate.oracle import (
+    ALL_THREE,
+    ATTRIBUTES,
+    EmbedFn,
+    OracleScore,
+    generate_and_score,
+)
 
 KEYWORD = "keyword"
 HELDOUT_COMBINATIONS = "narrative_heldout_combinations"
@@ -79,22 +85,28 @@ def attribute_mean(score: OracleScore) -> float:
     return sum(getattr(score, name) for name in ATTRIBUTES) / len(ATTRIBUTES)
 
 
-def gap_closure(
+def closure_by_figure(
     base_keyword: OracleScore,
     base_narrative: OracleScore,
     adapter_narrative: OracleScore,
     min_gap_points: float,
-) -> tuple[float | None, list[str]]:
-    """Mean over attributes with a keyword-narrative gap >= `min_gap_points` of
-    (adapter narrative - base narrative) / (base keyword - base narrative).
+) -> dict[str, float | None]:
+    """Per attribute and for all three at once: (adapter narrative - base narrative) /
+    (base keyword - base narrative), the share of the keyword-narrative gap the adapter
+    closes; None where that gap is under `min_gap_points` (nothing to close)."""
+    closures: dict[str, float | None] = {}
+    for name in (*ATTRIBUTES, ALL_THREE):
+        gap = getattr(base_keyword, name) - getattr(base_narrative, name)
+        gain = getattr(adapter_narrative, name) - getattr(base_narrative, name)
+        closures[name] = gain / gap if gap * 100 >= min_gap_points and gap > 0 else None
+    return closures
+
+
+def gap_closure(closures: dict[str, float | None]) -> tuple[float | None, list[str]]:
+    """The mean closure over the attributes that have a gap (of `closure_by_figure`).
 
     Returns (closure, attributes used); closure is None when no attribute qualifies.
     """
-    used, closures = [], []
-    for name in ATTRIBUTES:
-        gap = getattr(base_keyword, name) - getattr(base_narrative, name)
-        if gap * 100 >= min_gap_points and gap > 0:
-            gain = getattr(adapter_narrative, name) - getattr(base_narrative, name)
-            closures.append(gain / gap)
-            used.append(name)
-    return (sum(closures) / len(closures) if closures else None), used
+    used = [name for name in ATTRIBUTES if closures[name] is not None]
+    closure = sum(closures[name] for name in used) / len(used) if used else None
+    return closure, used
