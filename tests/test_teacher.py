@@ -32,7 +32,13 @@ from suradapter.teacher.cache import (
     fingerprint_id,
     text_key,
 )
-from suradapter.teacher.embed import ShardSpec, compute_missing, open_cache, run_embed
+from suradapter.teacher.embed import (
+    ShardSpec,
+    compute_missing,
+    feature_settings,
+    open_cache,
+    run_embed,
+)
 from suradapter.teacher.model import (
     Teacher,
     extract_features,
@@ -142,6 +148,20 @@ def test_fingerprint_separates_teacher_settings(minilm):
 def _texts(n: int) -> list[str]:
     words = ["coins", "plates", "tiles", "buttons", "slices", "signs"]
     return [f"prompt {i}: some {words[i % 6]} in a row of {i % 17} things" for i in range(n)]
+
+
+def test_a_random_teacher_is_seeded_and_cached_apart_from_the_pretrained_one(tmp_path):
+    pretrained = EmbedParams(cache_dir=str(tmp_path / "cache"))
+    random = pretrained.model_copy(update={"weights": "random"})
+    assert teacher_fingerprint(random)["weights"] != teacher_fingerprint(pretrained)["weights"]
+    assert fingerprint_id(teacher_fingerprint(random)) != fingerprint_id(
+        teacher_fingerprint(pretrained)
+    )
+    assert feature_settings(random) != feature_settings(pretrained)  # `sur train` tells them apart
+    texts = _texts(4)
+    first, again = (extract_features(load_teacher(random), texts) for _ in range(2))
+    assert torch.equal(first, again)  # seeded: the same random teacher every time
+    assert not torch.allclose(first, extract_features(load_teacher(pretrained), texts), atol=0.1)
 
 
 def test_cache_computes_each_distinct_text_once_and_only_missing_ones(tmp_path):

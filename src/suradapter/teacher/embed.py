@@ -144,9 +144,12 @@ def compute_missing(
 
 def feature_settings(params: EmbedParams) -> dict[str, object]:
     """The embed params that determine a feature (not batching, sharding or paths)."""
-    return params.model_dump(
+    settings = params.model_dump(
         include={"model", "revision", "layer", "pooling", "dtype", "max_length"}
     )
+    if params.weights != "pretrained":  # the pretrained teacher keeps the record it had
+        settings["weights"] = params.weights
+    return settings
 
 
 def run_embed(

