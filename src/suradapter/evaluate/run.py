@@ -59,7 +59,6 @@ ALIGNMENT_MARGIN_BASIS = "min over alignment cosine and retrieval_top1, adapter 
 @dataclass
 class EvaluationResult:
     report: dict
-    gates: list[Gate]
     grid: Image.Image | None = None  # base | adapter images of held-out narrative prompts
     # Timings stay out of the report (a DVC output: a function of the inputs alone).
     seconds: float = 0.0
@@ -68,6 +67,10 @@ class EvaluationResult:
     @property
     def passed(self) -> bool:
         return self.report["passed"]
+
+    @property
+    def gates(self) -> list[Gate]:
+        return [Gate(**gate) for gate in self.report["gates"]]
 
     @property
     def failed_gates(self) -> list[Gate]:
@@ -198,8 +201,7 @@ def evaluate_adapter(
     if grid and params.uses_shapes_world:
         image_grid = comparison_grid(params, adapter, grid_prompts(params), pipeline)
     seconds = time.monotonic() - started
-    gates = [Gate(**gate) for gate in report["gates"]]
-    return EvaluationResult(report, gates, image_grid, round(seconds, 1), round(load_seconds, 1))
+    return EvaluationResult(report, image_grid, round(seconds, 1), round(load_seconds, 1))
 
 
 def grid_prompts(params: Params) -> list[str]:
