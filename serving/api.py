@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from PIL import Image
 
 from serving.auth import ApiKeyChecker
+from serving.batcher import TextPathBatcher
 from serving.metrics import ServingMetrics
 from serving.model import SamplingSpec, ServedVersion
 from serving.schemas import (
@@ -29,13 +30,15 @@ from suradapter.config import SamplingParams
 
 @dataclass
 class ApiContext:
-    """What the endpoints share: the served slot, settings, defaults and metrics."""
+    """What the endpoints share: the served slot, settings, defaults, metrics and the
+    text-path batcher."""
 
     slot: ModelSlot
     settings: ServingParams
     sampling: SamplingParams
     metrics: ServingMetrics
     models: RequestModels
+    batcher: TextPathBatcher
 
     def __post_init__(self) -> None:
         self.generate_slots = threading.BoundedSemaphore(
@@ -99,7 +102,7 @@ def build_router(context: ApiContext, keys: tuple[bytes, ...]) -> APIRouter:
     def embed(request: EmbedRequest) -> Any:  # type: ignore[valid-type]
         """Adapted prompt embeddings [prompts, tokens, width] from the served text path."""
         served = context.served()
-        embeds = served.embed(list(request.prompts))
+        embeds = context.batcher.embed(served, list(request.prompts))
         context.metrics.embedded_prompts.inc(len(request.prompts))
         body: dict[str, Any] = {"version": served.version, "shape": list(embeds.shape)}
         if request.encoding == "base64":
@@ -141,7 +144,11 @@ def build_router(context: ApiContext, keys: tuple[bytes, ...]) -> APIRouter:
             )
         context.metrics.generate_in_progress.inc()
         try:
-            rendered = served.generate(spec, compare_base=request.compare_base)
+            rendered = served.generate(
+                spec,
+                compare_base=request.compare_base,
+                embed=lambda prompts: context.batcher.embed(served, prompts),
+            )
         finally:
             context.metrics.generate_in_progress.dec()
             context.generate_slots.release()

@@ -13,6 +13,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from serving.api import ApiContext, build_router
+from serving.batcher import TextPathBatcher
 from serving.errors import install_error_handlers
 from serving.metrics import ServingMetrics
 from serving.middleware import BodySizeLimit, RequestObservability
@@ -51,13 +52,17 @@ def create_app(
         settings.retry_seconds,
     )
 
+    batcher = TextPathBatcher(settings.batch_window_ms, settings.max_batch_rows, metrics)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        batcher.start()
         watcher.start()
         try:
             yield
         finally:
             watcher.stop()
+            batcher.stop()
             loader.close()
 
     app = FastAPI(
@@ -72,7 +77,8 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.limits.max_body_bytes)
     app.add_middleware(RequestObservability, metrics=metrics)
-    context = ApiContext(slot, settings, params.sampling, metrics, request_models(settings.limits))
+    models = request_models(settings.limits)
+    context = ApiContext(slot, settings, params.sampling, metrics, models, batcher)
     app.include_router(build_router(context, keys))
 
     @app.get("/healthz", tags=["operations"])

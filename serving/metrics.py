@@ -1,5 +1,5 @@
-"""Prometheus metrics of one app: requests, latency, generate stages and slots, served version,
-swaps."""
+"""Prometheus metrics of one app: requests, latency, generate stages and slots, text-path
+batches and queue time, served version, swaps."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+QUEUE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -50,6 +52,35 @@ class ServingMetrics:
         )
         self.embedded_prompts = Counter(
             "sur_embedded_prompts", "Prompts embedded by /v1/embed.", registry=self.registry
+        )
+        self.batch_requests = Histogram(
+            "sur_text_path_batch_requests",
+            "Requests that shared one text-path (ONNX Runtime) call.",
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_rows = Histogram(
+            "sur_text_path_batch_rows",
+            "Prompts in one text-path (ONNX Runtime) call.",
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_seconds = Histogram(
+            "sur_text_path_queue_seconds",
+            "Seconds a request waited for its text-path batch to start "
+            "(serving.batch_window_ms, or a running batch).",
+            buckets=QUEUE_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_waiting = Gauge(
+            "sur_text_path_waiting",
+            "Requests queued for the next text-path batch.",
+            registry=self.registry,
+        )
+        self.batch_running = Gauge(
+            "sur_text_path_running",
+            "Requests in the text-path batch now running.",
+            registry=self.registry,
         )
         self.swaps = Counter(
             "sur_model_swaps",

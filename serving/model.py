@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,16 +160,28 @@ class ServedVersion:
     def width(self) -> int:
         return int(self.text_path.metadata["hidden_size"])
 
+    @property
+    def batch_invariant(self) -> bool:
+        """Whether a prompt's embedding is the same in any batch (not in reference mode,
+        whose attention mixes the prompts of a batch)."""
+        return self.text_path.metadata.get("adapter_mode") != "reference"
+
     def embed(self, prompts: list[str]) -> np.ndarray:
-        """Adapted prompt embeddings, float32 [len(prompts), tokens, width]."""
+        """Adapted prompt embeddings, float32 [len(prompts), tokens, width], in one call."""
         with self.token_lock:  # fast tokenizers refuse concurrent calls ("Already borrowed")
             tokens = self.text_path.tokenize(self.tokenizer, prompts)
         return self.text_path.run(**tokens)
 
-    def generate(self, spec: SamplingSpec, compare_base: bool = False) -> Rendered:
-        """The adapted image (and the base model's, same seed, when `compare_base`)."""
+    def generate(
+        self,
+        spec: SamplingSpec,
+        compare_base: bool = False,
+        embed: Callable[[list[str]], np.ndarray] | None = None,
+    ) -> Rendered:
+        """The adapted image (and the base model's, same seed, when `compare_base`). The
+        prompts' embeddings come from `embed` (default: this version's `embed`)."""
         started = time.perf_counter()
-        embeds = self.embed([spec.prompt, spec.negative_prompt])
+        embeds = (embed or self.embed)([spec.prompt, spec.negative_prompt])
         text_done = time.perf_counter()
         unet = self.base.pipeline.unet
         tensor = torch.from_numpy(embeds).to(device=unet.device, dtype=unet.dtype)

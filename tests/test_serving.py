@@ -304,6 +304,70 @@ def test_embed_matches_the_registered_pyfunc_model(stack):
     np.testing.assert_allclose(served, model.predict(prompts), atol=1e-5)
 
 
+BATCHED_PROMPTS = [
+    ["a trio of fire-truck coloured coins lying in the snow"],
+    ["", "3 red circles"],
+    ["two green squares on a white background", "a blue triangle", "one yellow star"],
+    ["a woman in a white dress with angel wings"],
+    ["1 red circle"] * 2,
+    ["a lone stop-sign coloured poker chip, nothing else in sight"],
+]
+
+
+def embedded(response: httpx.Response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    body = response.json()
+    return np.frombuffer(base64.b64decode(body["data_base64"]), "<f4").reshape(body["shape"])
+
+
+def test_concurrent_embeds_share_one_call_and_each_gets_its_single_request_rows(stack, tmp_path):
+    """The first request's call is held by the tokenizer lock, which the test takes; the
+    others queue behind it and run as one batch, whatever the timing."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    settings = stack.params.serving.model_copy(update={"cache_dir": str(tmp_path / "cache")})
+    app = create_app(stack.params, settings, (KEY_FROM_ENV.encode(),))
+
+    def batch_figures(client: httpx.Client) -> dict[str, float]:
+        families = text_string_to_metric_families(client.get("/metrics").text)
+        return {
+            s.name + (f'{{le="{s.labels["le"]}"}}' if "le" in s.labels else ""): s.value
+            for family in families
+            for s in family.samples
+            if "_batch_" in s.name
+        }
+
+    with (
+        running(app) as url,
+        httpx.Client(base_url=url, headers=HEADERS, timeout=120) as client,
+        ThreadPoolExecutor(len(BATCHED_PROMPTS)) as pool,
+    ):
+        wait_for(lambda: client.get("/readyz").status_code == 200, "the in-process server")
+
+        def embed(prompts: list[str]) -> np.ndarray:
+            body = {"prompts": prompts, "encoding": "base64"}
+            return embedded(httpx.post(f"{url}/v1/embed", json=body, headers=HEADERS))
+
+        alone = [embed(prompts) for prompts in BATCHED_PROMPTS]  # one after another: alone
+        before = batch_figures(client)
+        with app.state.slot.current.token_lock:
+            futures = [pool.submit(embed, BATCHED_PROMPTS[0])]
+            wait_for(lambda: gauge(client, "sur_text_path_running") == 1, "the held call")
+            futures += [pool.submit(embed, prompts) for prompts in BATCHED_PROMPTS[1:]]
+            queued = len(BATCHED_PROMPTS) - 1
+            wait_for(lambda: gauge(client, "sur_text_path_waiting") == queued, "the queue")
+        together = [future.result() for future in futures]
+        after = batch_figures(client)
+    for single, batched in zip(alone, together, strict=True):
+        assert single.dtype == batched.dtype and single.shape == batched.shape
+        assert single.tobytes() == batched.tobytes()  # bit for bit
+    grew = {name: after[name] - before.get(name, 0.0) for name in after}
+    assert grew["sur_text_path_batch_requests_count"] == 2  # the held call, then the rest
+    assert grew["sur_text_path_batch_requests_sum"] == len(BATCHED_PROMPTS)
+    assert grew["sur_text_path_batch_rows_sum"] == sum(map(len, BATCHED_PROMPTS))
+    assert grew['sur_text_path_batch_requests_bucket{le="4.0"}'] == 1  # the held call alone
+
+
 def test_generate_returns_a_seeded_png_and_compares_with_the_base(stack):
     request = {"prompt": "two green squares", "steps": 2, "seed": 7, "guidance": 1.5}
     first = stack.client.post("/v1/generate", json=request)

@@ -6,16 +6,19 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import servers
 import uvicorn
 from pydantic import ValidationError
 
 from serving.auth import ApiKeyError, key_matches, load_api_keys
+from serving.batcher import TextPathBatcher
 from serving.metrics import ServingMetrics
 from serving.model import VersionLoadError
 from serving.settings import ServingParams, serving_params
@@ -115,6 +118,7 @@ class ExplodingVersion:
     """A served version whose every call fails with an internal detail in the message."""
 
     version = "9"
+    batch_invariant = True
 
     def embed(self, prompts: list[str]):
         raise RuntimeError("secret detail: /srv/models/v9/text_path.onnx is corrupt")
@@ -157,3 +161,103 @@ def test_not_ready_then_an_internal_error_is_a_generic_500(tmp_path):
     body = failed.json()
     assert body["detail"] == "internal server error" and len(body["request_id"]) == 32
     assert "secret" not in failed.text and "Traceback" not in failed.text
+
+
+class NumberedVersion:
+    """A served version whose embedding of prompt "n" is n; it records each call's prompts and
+    holds the first call until `release` is set."""
+
+    def __init__(self, version: str, batch_invariant: bool = True) -> None:
+        self.version = version
+        self.batch_invariant = batch_invariant
+        self.calls: list[list[str]] = []
+        self.release = threading.Event()
+
+    def embed(self, prompts: list[str]) -> np.ndarray:
+        self.calls.append(list(prompts))
+        if len(self.calls) == 1:
+            self.release.wait(timeout=60)
+        if "bad" in prompts:
+            raise ValueError("this prompt cannot be embedded")
+        return np.array([float(p) for p in prompts], dtype=np.float32).reshape(-1, 1, 1)
+
+
+def gauge_value(metrics: ServingMetrics, name: str) -> float:
+    return metrics.registry.get_sample_value(name) or 0.0
+
+
+def wait_until(predicate, what: str) -> None:
+    """Return once `predicate()` holds; the limit only stops a hung test."""
+    deadline = time.monotonic() + 60
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+@contextmanager
+def batching(max_rows: int) -> Iterator[TextPathBatcher]:
+    batcher = TextPathBatcher(window_ms=0.0, max_rows=max_rows, metrics=ServingMetrics())
+    batcher.start()
+    try:
+        yield batcher
+    finally:
+        batcher.stop()
+
+
+def queue_behind_a_held_call(batcher, pool, first, requests):
+    """Submit `first` (its call is held by its version), then `requests`, which queue behind
+    it; return the futures in submission order."""
+    metrics = batcher.metrics
+    futures = [pool.submit(batcher.embed, *first)]
+    wait_until(lambda: gauge_value(metrics, "sur_text_path_running") == 1, "the held call")
+    for served, prompts in requests:
+        futures.append(pool.submit(batcher.embed, served, prompts))
+        queued = len(futures) - 1
+        wait_until(lambda q=queued: gauge_value(metrics, "sur_text_path_waiting") == q, "queue")
+    return futures
+
+
+def test_queued_requests_share_a_call_within_max_rows_and_versions_never_mix():
+    a, b = NumberedVersion("1"), NumberedVersion("2")
+    b.release.set()
+    requests = [(a, ["1", "2"]), (b, ["3"]), (a, ["4", "5", "6"]), (a, ["7"]), (a, ["8"])]
+    with batching(max_rows=4) as batcher, ThreadPoolExecutor(8) as pool:
+        futures = queue_behind_a_held_call(batcher, pool, (a, ["0"]), requests)
+        a.release.set()
+        results = [future.result(timeout=60) for future in futures]
+    # oldest first; a later request joins while its rows fit; version 2 never joins version 1
+    assert a.calls == [["0"], ["1", "2", "7", "8"], ["4", "5", "6"]]
+    assert b.calls == [["3"]]
+    for (_, prompts), rows in zip([(a, ["0"]), *requests], results, strict=True):
+        assert rows.ravel().tolist() == [float(p) for p in prompts]
+    metrics = batcher.metrics.registry
+    assert metrics.get_sample_value("sur_text_path_batch_requests_count") == 4
+    assert metrics.get_sample_value("sur_text_path_batch_requests_sum") == 6
+    assert metrics.get_sample_value("sur_text_path_batch_rows_sum") == 9
+    assert metrics.get_sample_value("sur_text_path_queue_seconds_count") == 6
+
+
+def test_a_failing_batch_fails_only_the_request_that_causes_it():
+    served = NumberedVersion("1")
+    with batching(max_rows=16) as batcher, ThreadPoolExecutor(8) as pool:
+        requests = [(served, ["1"]), (served, ["bad"]), (served, ["2", "3"])]
+        futures = queue_behind_a_held_call(batcher, pool, (served, ["0"]), requests)
+        served.release.set()
+        assert futures[0].result(timeout=60).ravel().tolist() == [0.0]
+        assert futures[1].result(timeout=60).ravel().tolist() == [1.0]
+        with pytest.raises(ValueError, match="cannot be embedded"):
+            futures[2].result(timeout=60)
+        assert futures[3].result(timeout=60).ravel().tolist() == [2.0, 3.0]
+    assert served.calls == [["0"], ["1", "bad", "2", "3"], ["1"], ["bad"], ["2", "3"]]
+
+
+def test_a_reference_mode_version_is_never_batched_and_a_stopped_batcher_runs_requests_alone():
+    reference = NumberedVersion("1", batch_invariant=False)
+    reference.release.set()
+    with batching(max_rows=16) as batcher:
+        assert batcher.embed(reference, ["4", "5"]).ravel().tolist() == [4.0, 5.0]
+    assert gauge_value(batcher.metrics, "sur_text_path_waiting") == 0
+    fixed = NumberedVersion("2")
+    fixed.release.set()
+    assert batcher.embed(fixed, ["6"]).ravel().tolist() == [6.0]  # after stop: runs alone
+    assert reference.calls == [["4", "5"]] and fixed.calls == [["6"]]

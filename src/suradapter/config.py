@@ -497,6 +497,19 @@ class ServingParams(StrictModel):
     retry_seconds: float = Field(
         60.0, gt=0, description="Wait before loading a version that failed again."
     )
+    batch_window_ms: float = Field(
+        2.0,
+        ge=0,
+        le=1000,
+        description="How long the oldest waiting text-path request waits for others to share "
+        "its ONNX Runtime call (0 = share only with requests already queued).",
+    )
+    max_batch_rows: int = Field(
+        64,
+        ge=1,
+        description="Most prompts in one shared text-path call (1 = no sharing; a request "
+        "with more prompts runs alone).",
+    )
     limits: ServingLimits = Field(
         default_factory=ServingLimits, description="Request limits; above them: a 4xx."
     )
