@@ -99,10 +99,11 @@ def build_router(context: ApiContext, keys: tuple[bytes, ...]) -> APIRouter:
         responses={**unauthorized, 503: {"description": "No version served yet."}},
         tags=["model"],
     )
-    def embed(request: EmbedRequest) -> Any:  # type: ignore[valid-type]
+    async def embed(request: EmbedRequest) -> Any:  # type: ignore[valid-type]
         """Adapted prompt embeddings [prompts, tokens, width] from the served text path."""
         served = context.served()
-        embeds = context.batcher.embed(served, list(request.prompts))
+        # awaited on the event loop: the batcher's thread runs ONNX Runtime, no thread per call
+        embeds = await context.batcher.embed_async(served, list(request.prompts))
         context.metrics.embedded_prompts.inc(len(request.prompts))
         body: dict[str, Any] = {"version": served.version, "shape": list(embeds.shape)}
         if request.encoding == "base64":

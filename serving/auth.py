@@ -71,7 +71,8 @@ class ApiKeyChecker:
     def __init__(self, keys: tuple[bytes, ...]) -> None:
         self.keys = keys
 
-    def __call__(self, given: str | None = Security(scheme)) -> None:
+    async def __call__(self, given: str | None = Security(scheme)) -> None:
+        # async: a cheap check, run on the event loop rather than in a worker thread
         if not given or not key_matches(given, self.keys):
             raise HTTPException(
                 status.HTTP_401_UNAUTHORIZED,

@@ -3,10 +3,10 @@ bookkeeping, and the app's error responses (a real uvicorn server in a thread)."
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -186,51 +186,66 @@ def gauge_value(metrics: ServingMetrics, name: str) -> float:
     return metrics.registry.get_sample_value(name) or 0.0
 
 
-def wait_until(predicate, what: str) -> None:
+async def until(predicate, what: str) -> None:
     """Return once `predicate()` holds; the limit only stops a hung test."""
     deadline = time.monotonic() + 60
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
+        await asyncio.sleep(0.01)
 
 
-@contextmanager
-def batching(max_rows: int) -> Iterator[TextPathBatcher]:
-    batcher = TextPathBatcher(window_ms=0.0, max_rows=max_rows, metrics=ServingMetrics())
-    batcher.start()
-    try:
-        yield batcher
-    finally:
-        batcher.stop()
-
-
-def queue_behind_a_held_call(batcher, pool, first, requests):
+async def queue_behind_a_held_call(batcher, first, requests, sync=()):
     """Submit `first` (its call is held by its version), then `requests`, which queue behind
-    it; return the futures in submission order."""
+    it (those whose index is in `sync` through the blocking `embed`, from a thread); return
+    the tasks in submission order."""
     metrics = batcher.metrics
-    futures = [pool.submit(batcher.embed, *first)]
-    wait_until(lambda: gauge_value(metrics, "sur_text_path_running") == 1, "the held call")
-    for served, prompts in requests:
-        futures.append(pool.submit(batcher.embed, served, prompts))
-        queued = len(futures) - 1
-        wait_until(lambda q=queued: gauge_value(metrics, "sur_text_path_waiting") == q, "queue")
-    return futures
+    tasks = [asyncio.create_task(batcher.embed_async(*first))]
+    await until(lambda: gauge_value(metrics, "sur_text_path_running") == 1, "the held call")
+    for index, (served, prompts) in enumerate(requests):
+        call = (
+            asyncio.to_thread(batcher.embed, served, prompts)
+            if index in sync
+            else batcher.embed_async(served, prompts)
+        )
+        tasks.append(asyncio.create_task(call))
+        queued = index + 1
+        await until(lambda q=queued: gauge_value(metrics, "sur_text_path_waiting") == q, "queue")
+    return tasks
+
+
+def batched(max_rows: int, scenario) -> TextPathBatcher:
+    """Run `scenario(batcher)` on an event loop with a started batcher; return the batcher."""
+    batcher = TextPathBatcher(window_ms=0.0, max_rows=max_rows, metrics=ServingMetrics())
+
+    async def main() -> None:
+        batcher.start()
+        try:
+            await scenario(batcher)
+        finally:
+            batcher.stop()
+
+    asyncio.run(main())
+    return batcher
 
 
 def test_queued_requests_share_a_call_within_max_rows_and_versions_never_mix():
     a, b = NumberedVersion("1"), NumberedVersion("2")
     b.release.set()
+    first = (a, ["0"])
     requests = [(a, ["1", "2"]), (b, ["3"]), (a, ["4", "5", "6"]), (a, ["7"]), (a, ["8"])]
-    with batching(max_rows=4) as batcher, ThreadPoolExecutor(8) as pool:
-        futures = queue_behind_a_held_call(batcher, pool, (a, ["0"]), requests)
+    results = []
+
+    async def scenario(batcher):
+        tasks = await queue_behind_a_held_call(batcher, first, requests, sync={1, 3})
         a.release.set()
-        results = [future.result(timeout=60) for future in futures]
+        results.extend(await asyncio.gather(*tasks))
+
+    metrics = batched(4, scenario).metrics.registry
     # oldest first; a later request joins while its rows fit; version 2 never joins version 1
     assert a.calls == [["0"], ["1", "2", "7", "8"], ["4", "5", "6"]]
     assert b.calls == [["3"]]
-    for (_, prompts), rows in zip([(a, ["0"]), *requests], results, strict=True):
+    for (_, prompts), rows in zip([first, *requests], results, strict=True):
         assert rows.ravel().tolist() == [float(p) for p in prompts]
-    metrics = batcher.metrics.registry
     assert metrics.get_sample_value("sur_text_path_batch_requests_count") == 4
     assert metrics.get_sample_value("sur_text_path_batch_requests_sum") == 6
     assert metrics.get_sample_value("sur_text_path_batch_rows_sum") == 9
@@ -239,24 +254,32 @@ def test_queued_requests_share_a_call_within_max_rows_and_versions_never_mix():
 
 def test_a_failing_batch_fails_only_the_request_that_causes_it():
     served = NumberedVersion("1")
-    with batching(max_rows=16) as batcher, ThreadPoolExecutor(8) as pool:
+    results = []
+
+    async def scenario(batcher):
         requests = [(served, ["1"]), (served, ["bad"]), (served, ["2", "3"])]
-        futures = queue_behind_a_held_call(batcher, pool, (served, ["0"]), requests)
+        tasks = await queue_behind_a_held_call(batcher, (served, ["0"]), requests)
         served.release.set()
-        assert futures[0].result(timeout=60).ravel().tolist() == [0.0]
-        assert futures[1].result(timeout=60).ravel().tolist() == [1.0]
-        with pytest.raises(ValueError, match="cannot be embedded"):
-            futures[2].result(timeout=60)
-        assert futures[3].result(timeout=60).ravel().tolist() == [2.0, 3.0]
+        results.extend(await asyncio.gather(*tasks, return_exceptions=True))
+
+    batched(16, scenario)
+    assert [r.ravel().tolist() for r in results[:2]] == [[0.0], [1.0]]
+    assert isinstance(results[2], ValueError) and "cannot be embedded" in str(results[2])
+    assert results[3].ravel().tolist() == [2.0, 3.0]
     assert served.calls == [["0"], ["1", "bad", "2", "3"], ["1"], ["bad"], ["2", "3"]]
 
 
 def test_a_reference_mode_version_is_never_batched_and_a_stopped_batcher_runs_requests_alone():
     reference = NumberedVersion("1", batch_invariant=False)
     reference.release.set()
-    with batching(max_rows=16) as batcher:
-        assert batcher.embed(reference, ["4", "5"]).ravel().tolist() == [4.0, 5.0]
-    assert gauge_value(batcher.metrics, "sur_text_path_waiting") == 0
+    results = []
+
+    async def scenario(batcher):
+        results.append(await batcher.embed_async(reference, ["4", "5"]))
+        assert gauge_value(batcher.metrics, "sur_text_path_waiting") == 0
+
+    batcher = batched(16, scenario)
+    assert results[0].ravel().tolist() == [4.0, 5.0]
     fixed = NumberedVersion("2")
     fixed.release.set()
     assert batcher.embed(fixed, ["6"]).ravel().tolist() == [6.0]  # after stop: runs alone
