@@ -4,11 +4,13 @@ bookkeeping, and the app's error responses (a real uvicorn server in a thread)."
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -104,6 +106,35 @@ def test_a_failed_version_is_retried_only_after_retry_seconds():
     source.reachable = False
     watcher.check_once()
     assert "cannot read alias @production: tracking server down" in slot.last_error.message
+
+
+class LoadingLoader:
+    """Loads any version as a bare record of it; keeps every base."""
+
+    class Bases:
+        def keep_only(self, model_ids: set[str]) -> None:
+            pass
+
+    bases = Bases()
+
+    def load(self, version: str):
+        text_path = SimpleNamespace(provider="cpu")
+        return SimpleNamespace(version=version, base_model="tiny", text_path=text_path)
+
+    def discard(self, old) -> None:
+        pass
+
+
+def test_after_a_swap_the_loaded_heap_is_frozen_out_of_later_collections():
+    slot, source = ModelSlot(), FlakySource()
+    watcher = AliasWatcher(slot, source, LoadingLoader(), ServingMetrics(), "production", 1, 60)
+    gc.unfreeze()
+    try:
+        watcher.check_once()
+        assert slot.current.version == "7"
+        assert gc.get_freeze_count() > 0  # full collections no longer walk the loaded models
+    finally:
+        gc.unfreeze()
 
 
 def test_only_a_version_whose_gates_passed_may_serve():
