@@ -5,15 +5,21 @@ Self-contained: starts rclone S3 and an MLflow server (tests/servers.py), regist
 versions of the tiny model and promotes one, then runs `python -m serving` and
 `mlflow models serve --env-manager local -m models:/sur-adapter@production` (the registered
 pyfunc: the same ONNX text path and tokenizer) side by side, one uvicorn worker each. The
-embed load is the same for both (one prompt a request, `--threads` client threads, a fixed
-`--requests` count per round), in alternating rounds; figures are medians over rounds.
+embed load is the same for both: one prompt a request from `--threads` closed-loop clients,
+then again from `--threads-high` (where our micro-batching has more to share), in
+alternating rounds; figures are medians over rounds. The load comes from `wrk` (a C client
+on 2 threads, so the figure is the servers' and not the client's) when it is installed
+(Debian's `wrk`), else from Python httpx threads (`--client python` forces them; on 2 cores
+their own CPU caps both servers, which narrows the ratio).
 
-    .venv/bin/python bench/serve.py [--requests 400] [--threads 8] [--rounds 3]
+    .venv/bin/python bench/serve.py [--seconds 5] [--threads 8] [--threads-high 32]
 
-Prints RESULT embed_rps, embed_p50_ms, embed_p99_ms, embed_rps_vs_mlflow_serve (ours /
-theirs), generate_images_per_s, adapter_share_of_generate (the adapted ONNX text path, CLIP
-encoder + adapter, over the whole server-side generate time: an upper bound of the adapter's
-own share), swap_requests and swap_failed_requests.
+Prints RESULT embed_rps, embed_p50_ms, embed_p99_ms (at `--threads`),
+embed_rps_vs_mlflow_serve (ours / theirs, at `--threads`), embed_rps_c32_vs_mlflow_serve (at
+`--threads-high`), generate_images_per_s, adapter_share_of_generate (the adapted ONNX text
+path, CLIP encoder + adapter, over the whole server-side generate time: an upper bound of the
+adapter's own share), swap_requests and swap_failed_requests (Python clients: each response
+names the version that answered it).
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import functools
 import importlib.util
 import json
 import os
+import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -115,6 +123,57 @@ def run_load(
     return result
 
 
+@dataclass
+class Throughput:
+    """One round of closed-loop load against one server."""
+
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    failed: int
+
+
+def python_load(url: str, path: str, body: dict, headers: dict, clients: int, requests: int):
+    """`requests` POSTs from `clients` httpx threads."""
+
+    def send(client: httpx.Client) -> None:
+        client.post(path, json=body, headers=headers).raise_for_status()
+
+    result = run_load(send, url, clients, requests)
+    return Throughput(
+        result.rps, result.percentile_ms(0.5), result.percentile_ms(0.99), len(result.failures)
+    )
+
+
+WRK_UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60000.0}
+
+
+def wrk_load(url: str, path: str, body: dict, headers: dict, clients: int, seconds: float):
+    """`seconds` of POSTs from `clients` wrk connections (2 wrk threads)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(f'wrk.method = "POST"\nwrk.body = {json.dumps(json.dumps(body))}\n')
+        for name, value in {"Content-Type": "application/json", **headers}.items():
+            script.write(f"wrk.headers[{json.dumps(name)}] = {json.dumps(value)}\n")
+    command = ["wrk", f"-t{min(2, clients)}", f"-c{clients}", f"-d{seconds:g}s", "--latency"]
+    try:
+        out = subprocess.run(
+            [*command, "-s", script.name, url + path], capture_output=True, text=True, check=True
+        ).stdout
+    finally:
+        os.unlink(script.name)
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    percentiles = {
+        q: float(value) * WRK_UNITS_MS[unit]
+        for q, value, unit in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s|m)$", out, re.M)
+    }
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    failed = (int(non_2xx.group(1)) if non_2xx else 0) + (
+        sum(map(int, socket.groups())) if socket else 0
+    )
+    return Throughput(rps, percentiles["50"], percentiles["99"], failed)
+
+
 @functools.cache
 def load_servers_module():
     """The tests' real S3 (rclone) and MLflow server helpers, tests/servers.py."""
@@ -129,12 +188,6 @@ def embed_ours(client: httpx.Client) -> str:
     response = client.post("/v1/embed", json={"prompts": [PROMPT]}, headers={"X-API-Key": API_KEY})
     response.raise_for_status()
     return response.json()["version"]
-
-
-def embed_mlflow(client: httpx.Client) -> None:
-    response = client.post("/invocations", json={"inputs": [PROMPT]})
-    response.raise_for_status()
-    assert len(response.json()["predictions"]) == 1
 
 
 def build_version(pipeline, params: Params, folder: Path, seed: int) -> list[Path]:
@@ -240,8 +293,17 @@ def swap_under_load(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=400, help="Embed requests per round.")
+    parser.add_argument(
+        "--client", choices=("auto", "wrk", "python"), default="auto", help="Load generator."
+    )
+    parser.add_argument("--seconds", type=float, default=5.0, help="wrk: seconds per round.")
+    parser.add_argument(
+        "--requests", type=int, default=400, help="Python client: requests per round."
+    )
     parser.add_argument("--threads", type=int, default=8, help="Client threads.")
+    parser.add_argument(
+        "--threads-high", type=int, default=32, help="Client threads of the second load."
+    )
     parser.add_argument("--rounds", type=int, default=3, help="Alternating rounds per server.")
     parser.add_argument("--generate", type=int, default=20, help="Generate requests.")
     parser.add_argument("--swap-cap", type=int, default=5000, help="Most requests in the swap.")
@@ -299,26 +361,43 @@ def measure(
     theirs_url: str,
 ) -> None:
     """Run every measurement against the two running servers and print the RESULT lines."""
-    run_load(embed_ours, ours_url, args.threads, 50)  # warm-up
-    run_load(embed_mlflow, theirs_url, args.threads, 50)
-    ours, theirs = [], []
-    for _ in range(args.rounds):
-        ours.append(run_load(embed_ours, ours_url, args.threads, args.requests))
-        theirs.append(run_load(embed_mlflow, theirs_url, args.threads, args.requests))
-    failed = sum(len(r.failures) for r in ours + theirs)
-    best = sorted(ours, key=lambda r: r.rps)[len(ours) // 2]
+    ours_call = (ours_url, "/v1/embed", {"prompts": [PROMPT]}, {"X-API-Key": API_KEY})
+    theirs_call = (theirs_url, "/invocations", {"inputs": [PROMPT]}, {})
+    use_wrk = args.client == "wrk" or (args.client == "auto" and shutil.which("wrk"))
+    print(f"load generator: {'wrk' if use_wrk else 'python httpx threads'}")
+
+    def load(call, clients: int, size: float | None = None) -> Throughput:
+        if use_wrk:
+            return wrk_load(*call, clients, size or args.seconds)
+        return python_load(*call, clients, int(size or args.requests))
+
+    load(ours_call, args.threads, 2 if use_wrk else 50)  # warm-up
+    load(theirs_call, args.threads, 2 if use_wrk else 50)
+    rounds = {}
+    for clients in (args.threads, args.threads_high):
+        ours, theirs = [], []
+        for _ in range(args.rounds):  # alternate, so machine noise hits both alike
+            ours.append(load(ours_call, clients))
+            theirs.append(load(theirs_call, clients))
+        rounds[clients] = ours, theirs
+        failed = sum(r.failed for r in ours + theirs)
+        print(
+            f"embed at {clients} clients: ours {[round(r.rps) for r in ours]} req/s "
+            f"(p99 {[round(r.p99_ms, 1) for r in ours]} ms), mlflow models serve "
+            f"{[round(r.rps) for r in theirs]} req/s (p99 {[round(r.p99_ms, 1) for r in theirs]}"
+            f" ms); {failed} failed requests"
+        )
+    ours, theirs = rounds[args.threads]
     ratio = statistics.median(o.rps / t.rps for o, t in zip(ours, theirs, strict=True))
-    print(
-        f"embed: ours {[round(r.rps) for r in ours]} req/s, mlflow models serve "
-        f"{[round(r.rps) for r in theirs]} req/s; {failed} failed requests"
-    )
+    high = statistics.median(o.rps / t.rps for o, t in zip(*rounds[args.threads_high], strict=True))
     images_per_s, share = measure_generate(ours_url, args.generate)
     swap, switches = swap_under_load(ours_url, params, versions, args.threads, args.swap_cap)
     print(f"swap under load: served versions in order {switches}")
     print(f"RESULT embed_rps {statistics.median(r.rps for r in ours):.1f}")
-    print(f"RESULT embed_p50_ms {best.percentile_ms(0.50):.2f}")
-    print(f"RESULT embed_p99_ms {best.percentile_ms(0.99):.2f}")
+    print(f"RESULT embed_p50_ms {statistics.median(r.p50_ms for r in ours):.2f}")
+    print(f"RESULT embed_p99_ms {statistics.median(r.p99_ms for r in ours):.2f}")
     print(f"RESULT embed_rps_vs_mlflow_serve {ratio:.2f}")
+    print(f"RESULT embed_rps_c{args.threads_high}_vs_mlflow_serve {high:.2f}")
     print(f"RESULT generate_images_per_s {images_per_s:.2f}")
     print(f"RESULT adapter_share_of_generate {share:.3f}")
     print(f"RESULT swap_requests {swap.requests}")
