@@ -20,8 +20,8 @@ from flows.dvc_stage import StageResult
 from suradapter.config import Params
 from suradapter.provenance import dvc_output_hashes, git_commit
 from suradapter.registry.lineage import dvc_dependency_hash
-from suradapter.registry.store import connect, experiment_id
-from suradapter.tracking import PARENT_RUN_TAG, flatten_params
+from suradapter.registry.store import connect
+from suradapter.tracking import PARENT_RUN_TAG, ensure_experiment, flatten_params
 
 FINISHED, FAILED = "FINISHED", "FAILED"
 DATA_STAGES = ("prepare", "embed", "train", "evaluate", "export")
@@ -40,7 +40,7 @@ class FlowTracking:
     def start(cls, params: Params, flow_run_name: str, tags: dict[str, str]) -> FlowTracking:
         """Create the parent run with the params and the git commit; returns the tracker."""
         client = connect(params)
-        experiment = experiment_id(client, params.train.experiment)
+        experiment = ensure_experiment(client, params.train.experiment)
         run_tags = {"git_commit": git_commit(), "profile": params.profile, **tags}
         run = client.create_run(experiment, run_name=f"retrain {flow_run_name}", tags=run_tags)
         flat = flatten_params(params.model_dump(mode="json"))

@@ -310,6 +310,8 @@ def test_sur_run_with_failing_gates_exits_zero_and_says_why(project, prefect_api
     ran = {stage["stage"] for stage in summary["stages"] if stage["status"] == "ran"}
     assert ran == {"evaluate"}
     assert summary["links"]["mlflow_run"].startswith(mlflow_url)
+    runs_page = summary["links"]["mlflow_experiment"]
+    assert runs_page.startswith(mlflow_url) and runs_page.endswith("workflowType=machine_learning")
     assert summary["links"]["prefect_flow_run"].endswith(summary["flow_run"]["id"])
     aliases = MlflowClient(mlflow_url).get_registered_model("sur-adapter").aliases
     assert {alias: str(v) for alias, v in aliases.items()} == {"production": "1", "candidate": "2"}

@@ -18,6 +18,7 @@ import yaml
 from safetensors.torch import load_file
 
 from suradapter.config import load_params
+from suradapter.tracking import EXPERIMENT_KIND_TAG
 
 BIN = Path(sys.executable).parent
 
@@ -274,6 +275,7 @@ def test_mlflow_run_has_params_metrics_plots_and_lineage(tiny_project):
     train_with_tracking(params, ["a trio of fire-truck coloured coins", "one lonely plate"])
     client = MlflowClient(tracking_uri(params))
     experiment = client.get_experiment_by_name(params.train.experiment)
+    assert experiment.tags[EXPERIMENT_KIND_TAG] == "custom_model_development"  # training view
     run = client.search_runs([experiment.experiment_id], order_by=["start_time DESC"])[0]
     assert run.data.params["train.max_steps"] == "6"
     assert run.data.params["adapter.mode"] == "fixed"
@@ -284,6 +286,21 @@ def test_mlflow_run_has_params_metrics_plots_and_lineage(tiny_project):
     adapter_files = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
     assert "adapter/config.json" in adapter_files
     mlflow.set_tracking_uri(None)
+
+
+def test_an_experiment_made_before_the_kind_tag_gets_it_and_keeps_its_id(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from suradapter.tracking import ensure_experiment
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    old = client.create_experiment("sur-adapter", artifact_location=(tmp_path / "a").as_uri())
+    assert EXPERIMENT_KIND_TAG not in client.get_experiment(old).tags
+    assert ensure_experiment(client, "sur-adapter") == old
+    assert client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    new = ensure_experiment(client, "sur-adapter-2")
+    assert new != old
+    assert client.get_experiment(new).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
 
 
 def test_checkpoints_of_another_run_are_dropped_not_resumed(tmp_path):

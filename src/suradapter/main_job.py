@@ -22,6 +22,7 @@ from rich.table import Table
 
 from suradapter.checks import profile_mistakes
 from suradapter.config import Params
+from suradapter.tracking import experiment_page
 
 if TYPE_CHECKING:
     from flows.retrain import RetrainResult
@@ -100,6 +101,7 @@ def ui_links(result: RetrainResult) -> dict[str, str]:
     tracking = result.tracking_uri
     if tracking.startswith("http"):
         base = tracking.rstrip("/")
+        links["mlflow_experiment"] = experiment_page(base, result.experiment_id)
         links["mlflow_run"] = (
             f"{base}/#/experiments/{result.experiment_id}/runs/{result.mlflow_run_id}"
         )
@@ -155,6 +157,7 @@ def print_summary(summary: dict, console: Console) -> None:
         ("promotion", registration["promotion"]),
     ]
     labels = {
+        "mlflow_experiment": "MLflow runs",
         "mlflow_run": "MLflow run",
         "mlflow_model": "MLflow model",
         "prefect_flow_run": "Prefect",

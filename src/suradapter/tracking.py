@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from suradapter.config import Params
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 LOCAL_STORE = Path(".sur/mlflow.db")
 LOCAL_ARTIFACTS = Path(".sur/mlartifacts")
@@ -19,6 +23,33 @@ def tracking_uri(params: Params) -> str:
         return os.environ["MLFLOW_TRACKING_URI"]
     LOCAL_STORE.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{LOCAL_STORE.resolve()}"
+
+
+# MLflow's UI opens an experiment by this tag: the model-training view (runs, metric charts,
+# models) rather than the GenAI overview (traces), which an experiment without it gets.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
+def ensure_experiment(client: MlflowClient, name: str) -> str:
+    """The id of experiment `name`, created if needed (a local store keeps its files under
+    .sur/), with the tag that opens it in MLflow's model-training view."""
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        local = client.tracking_uri.startswith("sqlite:")
+        location = LOCAL_ARTIFACTS.resolve().as_uri() if local else None
+        return client.create_experiment(
+            name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        )
+    if found.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # made before the tag existed
+        client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return found.experiment_id
+
+
+def experiment_page(tracking: str, experiment_id: str) -> str:
+    """The UI address of an experiment's runs, in the model-training view."""
+    base = tracking.rstrip("/")
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def log_to_active_run(metrics: dict[str, float]) -> None:

@@ -32,7 +32,7 @@ from suradapter.registry.errors import RegistryError
 from suradapter.registry.fetch import fetch_version
 from suradapter.registry.layout import ADAPTER_DIR
 from suradapter.registry.manifest import MANIFEST_TAG, parse_checksums
-from suradapter.registry.store import experiment_id
+from suradapter.tracking import ensure_experiment
 
 MARGIN_GATE = "margin_over_production"
 
@@ -169,7 +169,7 @@ def log_challenge(
     from suradapter.evaluate.report import write_report
     from suradapter.evaluate.tracked import headline_metrics
 
-    experiment = experiment_id(client, params.registry.experiment)
+    experiment = ensure_experiment(client, params.registry.experiment)
     tags = {
         "model_name": params.registry.model_name,
         "candidate_version": candidate,

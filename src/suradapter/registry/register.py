@@ -34,7 +34,8 @@ from suradapter.registry.layout import (
 from suradapter.registry.lineage import lineage_tags
 from suradapter.registry.manifest import MANIFEST_TAG, manifest_tag
 from suradapter.registry.report import judge_report, load_report
-from suradapter.registry.store import CANDIDATE, connect, experiment_id
+from suradapter.registry.store import CANDIDATE, connect
+from suradapter.tracking import ensure_experiment
 
 PYFUNC_ENTRY = Path(__file__).with_name("pyfunc_entry.py")
 RUNTIME_PACKAGES = ("suradapter", "mlflow", "onnx", "onnxruntime-gpu", "transformers", "numpy")
@@ -142,7 +143,7 @@ def register_version(
     name = params.registry.model_name
     client = connect(params)
     try:
-        experiment = experiment_id(client, params.registry.experiment)
+        experiment = ensure_experiment(client, params.registry.experiment)
     except mlflow.exceptions.MlflowException as err:
         raise RegistryError(
             f"cannot reach the MLflow tracking server at {client.tracking_uri}: {err.message}"

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from suradapter.config import Params
 from suradapter.registry.errors import RegistryError
-from suradapter.tracking import LOCAL_ARTIFACTS, tracking_uri
+from suradapter.tracking import tracking_uri
 
 CANDIDATE = "candidate"
 PRODUCTION = "production"
@@ -27,16 +27,6 @@ def connect(params: Params) -> MlflowClient:
     uri = tracking_uri(params)
     mlflow.set_tracking_uri(uri)
     return MlflowClient(uri)
-
-
-def experiment_id(client: MlflowClient, name: str) -> str:
-    """The id of experiment `name`, created if needed (a local store keeps files in .sur/)."""
-    found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    local = client.tracking_uri.startswith("sqlite:")
-    location = LOCAL_ARTIFACTS.resolve().as_uri() if local else None
-    return client.create_experiment(name, artifact_location=location)
 
 
 def aliases_of(client: MlflowClient, name: str) -> dict[str, str]:

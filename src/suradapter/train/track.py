@@ -14,6 +14,7 @@ import mlflow
 import torch
 from diffusers import StableDiffusionPipeline
 from matplotlib.figure import Figure
+from mlflow import MlflowClient
 from PIL import Image
 
 from suradapter.config import Params
@@ -22,7 +23,7 @@ from suradapter.model.losses import LossTerms
 from suradapter.model.text_path import AdaptedTextPath
 from suradapter.model.zoo import load_base_from_params
 from suradapter.provenance import dvc_output_hashes, git_commit
-from suradapter.tracking import LOCAL_ARTIFACTS, flatten_params, parent_run_tags, tracking_uri
+from suradapter.tracking import ensure_experiment, flatten_params, parent_run_tags, tracking_uri
 from suradapter.train.adapter import TrainResult, train_adapter
 
 LOSS_TERMS = tuple(field.name for field in fields(LossTerms))  # what each log record holds
@@ -82,13 +83,6 @@ def comparison_grid(
     return grid
 
 
-def ensure_experiment(name: str, local: bool) -> None:
-    """Make `name` the active experiment; a new local one keeps its artifacts under .sur/."""
-    if local and mlflow.get_experiment_by_name(name) is None:
-        mlflow.create_experiment(name, artifact_location=LOCAL_ARTIFACTS.resolve().as_uri())
-    mlflow.set_experiment(name)
-
-
 def train_with_tracking(params: Params, grid_prompts: list[str]) -> TrainResult:
     """Train the adapter inside an MLflow run (main process) and log what people look at."""
     # RANK is set by every distributed launcher; PartialState() here would initialise the
@@ -97,7 +91,8 @@ def train_with_tracking(params: Params, grid_prompts: list[str]) -> TrainResult:
         return train_adapter(params)
     uri = tracking_uri(params)
     mlflow.set_tracking_uri(uri)
-    ensure_experiment(params.train.experiment, local=uri.startswith("sqlite:"))
+    experiment = ensure_experiment(MlflowClient(uri), params.train.experiment)
+    mlflow.set_experiment(experiment_id=experiment)
     with mlflow.start_run(run_name="train-adapter", tags=parent_run_tags()):
         mlflow.log_params(flatten_params(params.model_dump(mode="json")))
         tags = {"git_commit": git_commit(), "base_model": params.base_model.id}
