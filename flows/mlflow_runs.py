@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from flows.dvc_stage import StageResult
 from suradapter.config import Params
+from suradapter.evaluate.report import REPORT_JSON, headline_metrics, read_report
 from suradapter.provenance import dvc_output_hashes, git_commit
 from suradapter.registry.lineage import dvc_dependency_hash
 from suradapter.registry.store import connect
@@ -83,11 +84,23 @@ class FlowTracking:
         return run_id
 
     def finish(self, params: Params, ok: bool, summary: dict[str, str]) -> None:
-        """Tag the parent with the data lineage and `summary`; close it FINISHED or FAILED."""
+        """Tag the parent with the data lineage and `summary`, give it the evaluation's gate
+        metrics and images (what a user opening the run looks for first); close it FINISHED
+        or FAILED."""
         tags = {f"dvc.{key}": value for key, value in dvc_output_hashes(DATA_STAGES).items()}
         tags["surd_source_hash"] = dvc_dependency_hash("prepare", params.prepare.source)
         tags |= summary
+        metrics = []
+        evaluation = Path(params.evaluate.output_dir)
+        if ok and (evaluation / REPORT_JSON).is_file():  # a failed run may predate it
+            now = int(time.time() * 1000)
+            figures = headline_metrics(read_report(evaluation))
+            metrics = [Metric(name, value, now, 0) for name, value in figures.items()]
+            for image in sorted(evaluation.glob("*.png")):
+                self.client.log_artifact(self.parent_run_id, str(image), "eval")
         self.client.log_batch(
-            self.parent_run_id, tags=[RunTag(k, str(v)[:4000]) for k, v in tags.items()]
+            self.parent_run_id,
+            metrics=metrics,
+            tags=[RunTag(k, str(v)[:4000]) for k, v in tags.items()],
         )
         self.client.set_terminated(self.parent_run_id, FINISHED if ok else FAILED)

@@ -172,7 +172,7 @@ def child_runs(client: MlflowClient, result, parent: str | None = None) -> dict[
 
 
 def test_retrain_runs_every_stage_registers_and_promotes(project, mlflow_url):
-    _, first = project
+    repo, first = project
     assert status_of(first) == {
         "generate_shapes": "not_applicable",  # the SURD source is a folder, not the renderer
         "prepare": "ran",
@@ -192,6 +192,11 @@ def test_retrain_runs_every_stage_registers_and_promotes(project, mlflow_url):
     assert parent.data.tags["model_version"] == "1" and parent.data.tags["gate_verdict"] == "passed"
     assert parent.data.tags["surd_source_hash"].endswith(".dir")
     assert parent.data.params["train.max_steps"] == "4"
+    # what a user opening the flow's run looks for first: the evaluation's gate figures
+    report = json.loads((repo / "outputs/eval/report.json").read_text())
+    gates = {f"gate_{gate['name']}": gate["value"] for gate in report["gates"]}
+    assert gates and {name: parent.data.metrics[name] for name in gates} == gates
+    assert parent.data.metrics["passed"] == 1.0
     children = child_runs(client, first)
     expected = {"embed", "bootstrap_base", "train", "evaluate", "export", "register", "promote"}
     assert expected <= set(children)

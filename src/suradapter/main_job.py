@@ -102,9 +102,7 @@ def ui_links(result: RetrainResult) -> dict[str, str]:
     if tracking.startswith("http"):
         base = tracking.rstrip("/")
         links["mlflow_experiment"] = experiment_page(base, result.experiment_id)
-        links["mlflow_run"] = (
-            f"{base}/#/experiments/{result.experiment_id}/runs/{result.mlflow_run_id}"
-        )
+        links["mlflow_run"] = experiment_page(base, result.experiment_id, result.mlflow_run_id)
         if result.registration:
             name = result.registration.model_name
             links["mlflow_model"] = f"{base}/#/models/{name}/versions/{result.registration.version}"

@@ -25,8 +25,8 @@ def tracking_uri(params: Params) -> str:
     return f"sqlite:///{LOCAL_STORE.resolve()}"
 
 
-# MLflow's UI opens an experiment by this tag: the model-training view (runs, metric charts,
-# models) rather than the GenAI overview (traces), which an experiment without it gets.
+# The experiment kind MLflow's UI reads to open the model-training view (runs, metric charts,
+# models) rather than the GenAI overview (traces).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 
@@ -46,10 +46,15 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
     return found.experiment_id
 
 
-def experiment_page(tracking: str, experiment_id: str) -> str:
-    """The UI address of an experiment's runs, in the model-training view."""
-    base = tracking.rstrip("/")
-    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+# MLflow 3's UI chooses the view by its GenAI/Model-training switch (remembered per browser,
+# GenAI at first), which the `workflowType` query parameter sets; older UIs read the tag above.
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+
+
+def experiment_page(tracking: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The UI address of an experiment's runs (or of one run), in the model-training view."""
+    page = f"{tracking.rstrip('/')}/#/experiments/{experiment_id}/runs"
+    return f"{page}/{run_id}?{MODEL_TRAINING_VIEW}" if run_id else f"{page}?{MODEL_TRAINING_VIEW}"
 
 
 def log_to_active_run(metrics: dict[str, float]) -> None:

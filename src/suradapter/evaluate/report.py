@@ -103,3 +103,21 @@ def read_report(folder: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no evaluation report (run `sur evaluate`)")
     return json.loads(path.read_text())
+
+
+def headline_metrics(report: dict) -> dict[str, float]:
+    """The report's scalar figures, flattened for MLflow (None values left out)."""
+    metrics = report["metrics"]
+    flat = {f"gate_{g['name']}": g["value"] for g in report["gates"]}
+    for name in ("narrative_accuracy", "keyword_accuracy"):
+        for model, value in (metrics.get(name) or {}).items():
+            flat[f"{name}_{model}"] = value
+    for metric, values in metrics["alignment"].items():
+        if isinstance(values, dict):
+            flat |= {f"alignment_{metric}_{model}": v for model, v in values.items()}
+    for field, values in metrics["denoise"].items():
+        flat |= {f"denoise_{field}_{name}": v for name, v in values.items()}
+    flat |= {f"clip_score_{model}": v for model, v in (metrics.get("clip_score") or {}).items()}
+    flat["gap_closure"] = metrics.get("gap_closure")
+    flat["passed"] = float(report["passed"])
+    return {k: float(v) for k, v in flat.items() if v is not None}

@@ -11,14 +11,14 @@ import tempfile
 from pathlib import Path
 
 import mlflow
+from mlflow import MlflowClient
 
 from suradapter.config import Params
-from suradapter.evaluate.report import write_report
+from suradapter.evaluate.report import headline_metrics, write_report
 from suradapter.evaluate.run import EvaluationResult, evaluate_adapter, load_adapter
 from suradapter.model.adapter import SURAdapter
 from suradapter.provenance import git_commit
-from suradapter.tracking import flatten_params, parent_run_tags, tracking_uri
-from suradapter.train.track import ensure_experiment
+from suradapter.tracking import ensure_experiment, flatten_params, parent_run_tags, tracking_uri
 
 
 def production_baseline(params: Params, workdir: Path) -> tuple[str, SURAdapter] | None:
@@ -43,7 +43,9 @@ def evaluate_with_tracking(
         result = evaluate_adapter(params, adapter_dir, production)
     output = Path(params.evaluate.output_dir)
     write_report(output, result.report, result.grid)
-    ensure_experiment(params.train.experiment, local=uri.startswith("sqlite:"))
+    mlflow.set_experiment(
+        experiment_id=ensure_experiment(MlflowClient(uri), params.train.experiment)
+    )
     nested = mlflow.active_run() is not None
     with mlflow.start_run(run_name="evaluate", nested=nested, tags=parent_run_tags()):
         mlflow.log_params(flatten_params({"evaluate": params.evaluate.model_dump(mode="json")}))
@@ -58,21 +60,3 @@ def evaluate_with_tracking(
         mlflow.log_metrics({"seconds": result.seconds, "load_seconds": result.load_seconds})
         mlflow.log_artifacts(str(output), "eval")
     return result
-
-
-def headline_metrics(report: dict) -> dict[str, float]:
-    """The report's scalar figures, flattened for MLflow (None values left out)."""
-    metrics = report["metrics"]
-    flat = {f"gate_{g['name']}": g["value"] for g in report["gates"]}
-    for name in ("narrative_accuracy", "keyword_accuracy"):
-        for model, value in (metrics.get(name) or {}).items():
-            flat[f"{name}_{model}"] = value
-    for metric, values in metrics["alignment"].items():
-        if isinstance(values, dict):
-            flat |= {f"alignment_{metric}_{model}": v for model, v in values.items()}
-    for field, values in metrics["denoise"].items():
-        flat |= {f"denoise_{field}_{name}": v for name, v in values.items()}
-    flat |= {f"clip_score_{model}": v for model, v in (metrics.get("clip_score") or {}).items()}
-    flat["gap_closure"] = metrics.get("gap_closure")
-    flat["passed"] = float(report["passed"])
-    return {k: float(v) for k, v in flat.items() if v is not None}

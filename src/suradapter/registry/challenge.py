@@ -166,8 +166,7 @@ def log_challenge(
     scratch: Path,
 ) -> str:
     """A `challenge` run in the registry experiment with the report and headline figures."""
-    from suradapter.evaluate.report import write_report
-    from suradapter.evaluate.tracked import headline_metrics
+    from suradapter.evaluate.report import headline_metrics, write_report
 
     experiment = ensure_experiment(client, params.registry.experiment)
     tags = {
