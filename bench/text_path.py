@@ -9,8 +9,10 @@ rounds (medians):
     .venv/bin/python bench/text_path.py [--rounds 20]
 
 Prints RESULT ort_vs_torch_b1, ort_vs_torch_b8 (ORT latency / PyTorch latency, CLIP-L) and
-parity_max_abs_diff (CLIP-L), the same for tiny with a `_tiny` suffix, and the adapter's
-share of the PyTorch text-path latency.
+parity_max_abs_diff (CLIP-L), the same for tiny with a `_tiny` suffix, the adapter's share of
+the PyTorch text-path latency, and gemm_floor_vs_torch_b1/b8: the encoder's linear layers
+alone (PyTorch/MKL GEMMs of the same shapes) over the whole PyTorch text path, the lowest
+`ort_vs_torch` any fp32 runtime doing the same arithmetic at that GEMM speed could reach.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from suradapter.config import load_params
 from suradapter.export.onnx_export import export_text_path
 from suradapter.export.runtime import OnnxTextPath
 from suradapter.model.adapter import SURAdapter
-from suradapter.model.text_path import AdaptedTextPath
+from suradapter.model.text_path import AdaptedTextPath, token_embeddings
 from suradapter.model.zoo import load_base_pipeline
 
 PROMPTS = [
@@ -73,16 +75,38 @@ def median_ms(function, rounds: int) -> float:
     return statistics.median(times) * 1000
 
 
-def time_batch(path, onnx_path, ids, mask, rounds: int) -> tuple[float, float, float]:
-    """Median ms of (PyTorch text path, ORT text path, the adapter alone), interleaved."""
+def encoder_gemms(path: AdaptedTextPath, rows: int):
+    """The text encoder's linear layers alone, each on `rows` token rows: the arithmetic any
+    fp32 runtime must do, at PyTorch's (MKL's) GEMM speed. Attention and the adapter left out,
+    so its time is a lower bound."""
+    layers = [m for m in path.text_encoder.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = [torch.randn(rows, layer.in_features) for layer in layers]
+
+    def run() -> None:
+        for layer, rows_in in zip(layers, inputs, strict=True):
+            torch.nn.functional.linear(rows_in, layer.weight, layer.bias)
+
+    return run
+
+
+def time_batch(path, onnx_path, ids, mask, rounds: int) -> dict[str, float]:
+    """Median ms of the PyTorch text path, the ORT text path, the adapter alone and the
+    encoder's GEMM floor, interleaved."""
+    gemms = encoder_gemms(path, ids.numel())
     with torch.inference_mode():
         states = path.encode_text(ids, mask)
-        samples: dict[str, list[float]] = {"torch": [], "ort": [], "adapter": []}
-        for _ in range(3):  # alternate so that machine noise hits all three alike
-            samples["torch"].append(median_ms(lambda: path(ids, mask), rounds))
-            samples["ort"].append(median_ms(lambda: onnx_path.run(ids, mask), rounds))
-            samples["adapter"].append(median_ms(lambda: path.adapter(states, mask), rounds))
-    return tuple(statistics.median(samples[k]) for k in ("torch", "ort", "adapter"))
+        tokens = token_embeddings(path.text_encoder, ids)
+        runs = {
+            "torch": lambda: path(ids, mask),
+            "ort": lambda: onnx_path.run(ids, mask),
+            "adapter": lambda: path.adapter(states, mask, tokens),
+            "gemm_floor": gemms,
+        }
+        samples: dict[str, list[float]] = {name: [] for name in runs}
+        for _ in range(3):  # alternate so that machine noise hits all alike
+            for name, run in runs.items():
+                samples[name].append(median_ms(run, rounds))
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def measure(name: str, path: AdaptedTextPath, settings, rounds: int, suffix: str) -> None:
@@ -95,15 +119,15 @@ def measure(name: str, path: AdaptedTextPath, settings, rounds: int, suffix: str
         onnx_path = OnnxTextPath.load(result.folder)
         for batch in (1, 8):
             tokens = path.tokenize(PROMPTS[:batch])
-            eager, ort_time, adapter_time = time_batch(
-                path, onnx_path, tokens.input_ids, tokens.attention_mask, rounds
-            )
-            share = adapter_time / eager
+            ms = time_batch(path, onnx_path, tokens.input_ids, tokens.attention_mask, rounds)
+            eager = ms["torch"]
+            share = ms["adapter"] / eager
             print(
-                f"{name} b{batch}: torch {eager:.2f} ms, ort {ort_time:.2f} ms, "
-                f"adapter share of torch text path {share:.1%}"
+                f"{name} b{batch}: torch {eager:.2f} ms, ort {ms['ort']:.2f} ms, encoder GEMMs "
+                f"alone {ms['gemm_floor']:.2f} ms, adapter share of torch text path {share:.1%}"
             )
-            print(f"RESULT ort_vs_torch_b{batch}{suffix} {ort_time / eager:.3f}")
+            print(f"RESULT ort_vs_torch_b{batch}{suffix} {ms['ort'] / eager:.3f}")
+            print(f"RESULT gemm_floor_vs_torch_b{batch}{suffix} {ms['gemm_floor'] / eager:.3f}")
             print(f"RESULT adapter_share_b{batch}{suffix} {share:.3f}")
         print(f"RESULT parity_max_abs_diff{suffix} {result.report['parity_max_abs_diff']:.2e}")
 
