@@ -12,6 +12,7 @@ from suradapter.model.losses import (
     alignment_loss,
     combine_losses,
     denoising_loss,
+    denoising_target,
     feature_distance,
     llm_distillation_loss,
     min_snr_weights,
@@ -127,6 +128,24 @@ def test_denoising_gradient_switch(tiny_pipeline, gradient, reaches_adapter):
         loss.backward()
         assert _has_grad(adapter, "fc.")
     assert all(p.grad is None for p in unet.parameters())
+
+
+def test_the_denoising_target_follows_the_schedulers_prediction_type():
+    from diffusers import DDPMScheduler
+
+    generator = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(3, 4, 2, 2, generator=generator), torch.randn(3, 4, 2, 2)
+    timesteps = torch.tensor([0, 500, 999])
+    epsilon = DDPMScheduler(prediction_type="epsilon")
+    assert denoising_target(epsilon, latents, noise, timesteps) is noise
+    velocity = DDPMScheduler(prediction_type="v_prediction")
+    alpha_bar = velocity.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+    expected = (
+        alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents
+    )  # v = sqrt(abar) eps - sqrt(1 - abar) x0
+    torch.testing.assert_close(denoising_target(velocity, latents, noise, timesteps), expected)
+    with pytest.raises(ValueError, match="predicts 'sample'"):
+        denoising_target(DDPMScheduler(prediction_type="sample"), latents, noise, timesteps)
 
 
 def test_min_snr_weights():

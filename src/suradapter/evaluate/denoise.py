@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 
+from suradapter.model.losses import denoising_target
 from suradapter.train.data import AdapterTrainingData
 
 ConditionFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -46,10 +47,7 @@ def heldout_denoise_loss(
         steps = scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, steps, (batch_size,), generator=generator).to(device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        if scheduler.config.prediction_type == "v_prediction":
-            target = scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
+        target = denoising_target(scheduler, latents, noise, timesteps)
         tokens = {
             "keyword": (batch.keyword_ids, data.keyword_mask[rows]),
             "narrative": (batch.narrative_ids, batch.narrative_mask),

@@ -134,6 +134,22 @@ def denoising_loss(
     return per_sample.mean()
 
 
+def denoising_target(
+    scheduler: object, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """What the UNet predicts for `scheduler`'s `prediction_type`: the noise (epsilon) or the
+    velocity (v_prediction). Raises ValueError for any other type."""
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(
+        f"the base model's scheduler predicts '{prediction_type}'; the denoising loss supports "
+        "'epsilon' and 'v_prediction'"
+    )
+
+
 def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
     """Min-SNR-gamma loss weights per sample (Hang et al. 2023)."""
     clipped = torch.clamp(snr, max=gamma)

@@ -43,6 +43,7 @@ from suradapter.model.losses import (
     alignment_loss,
     combine_losses,
     denoising_loss,
+    denoising_target,
     llm_distillation_loss,
     preservation_loss,
 )
@@ -173,10 +174,7 @@ def step_loss(
     steps = frozen.noise_scheduler.config.num_train_timesteps
     timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator).to(device)
     noisy = frozen.noise_scheduler.add_noise(latents, noise, timesteps)
-    if frozen.prediction_type == "v_prediction":
-        target = frozen.noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
+    target = denoising_target(frozen.noise_scheduler, latents, noise, timesteps)
     denoise = denoising_loss(
         frozen.unet,
         noisy.to(frozen.unet.dtype),
