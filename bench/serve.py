@@ -49,7 +49,7 @@ import yaml
 from suradapter.config import Params, load_params
 from suradapter.evaluate.gates import gated_report
 from suradapter.export.onnx_export import export_text_path
-from suradapter.model.adapter import SURAdapter
+from suradapter.model.adapter import ADAPTER_WEIGHTS, SURAdapter
 from suradapter.model.text_path import AdaptedTextPath
 from suradapter.model.zoo import load_base_from_params
 from suradapter.provenance import sha256_file
@@ -202,7 +202,7 @@ def build_version(pipeline, params: Params, folder: Path, seed: int) -> list[Pat
         path, params.export, folder / "export", folder / "adapter", params.base_model.id
     )
     (folder / "eval").mkdir()
-    weights = folder / "adapter/diffusion_pytorch_model.safetensors"
+    weights = folder / "adapter" / ADAPTER_WEIGHTS
     metrics = load_servers_module().PASSING_METRICS
     report = gated_report(metrics, params.evaluate.gates, sha256_file(weights))
     (folder / "eval/report.json").write_text(json.dumps(report))

@@ -30,6 +30,7 @@ from typer.testing import CliRunner
 from suradapter.config import load_params
 from suradapter.evaluate.gates import gated_report
 from suradapter.export.runtime import OnnxTextPath
+from suradapter.model.adapter import ADAPTER_WEIGHTS
 from suradapter.model.text_path import AdaptedTextPath
 from suradapter.provenance import sha256_file, verify_checksums
 from suradapter.registry import (
@@ -44,7 +45,7 @@ from suradapter.registry import (
     rollback,
 )
 
-WEIGHTS = "diffusion_pytorch_model.safetensors"
+WEIGHTS = ADAPTER_WEIGHTS
 GATES = load_params(REPO_ROOT / "params.yaml", profile="tiny").evaluate.gates
 PASSING_METRICS = servers.PASSING_METRICS
 FAILING_METRICS = PASSING_METRICS | {  # retrieval does not rise: retrieval_gain 0 fails

@@ -40,7 +40,7 @@ from test_serving_app import running
 from serving.app import create_app
 from suradapter.config import Params, load_params
 from suradapter.export.onnx_export import export_text_path
-from suradapter.model.adapter import SURAdapter
+from suradapter.model.adapter import ADAPTER_WEIGHTS, SURAdapter
 from suradapter.model.text_path import AdaptedTextPath
 from suradapter.provenance import sha256_file
 
@@ -120,7 +120,7 @@ def build_version(pipeline, params: Params, folder: Path, seed: int) -> tuple[Pa
 
 def write_report(folder: Path, adapter: Path, params: Params, metrics: dict) -> Path:
     """A report.json as `sur evaluate` writes it, its gates derived from `metrics`."""
-    sha = sha256_file(adapter / "diffusion_pytorch_model.safetensors")
+    sha = sha256_file(adapter / ADAPTER_WEIGHTS)
     report = make_report(sha, metrics, params.evaluate.gates)
     folder.mkdir()
     (folder / "report.json").write_text(json.dumps(report))

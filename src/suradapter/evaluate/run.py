@@ -43,14 +43,13 @@ from suradapter.evaluate.semantic import (
     prompt_sets,
     score_sets,
 )
-from suradapter.model.adapter import SURAdapter
+from suradapter.model.adapter import ADAPTER_WEIGHTS, SURAdapter
 from suradapter.model.text_path import AdaptedTextPath
 from suradapter.model.zoo import load_base_from_params
 from suradapter.provenance import sha256_file
 from suradapter.train.data import AdapterTrainingData
 from suradapter.train.track import comparison_grid
 
-ADAPTER_WEIGHTS = "diffusion_pytorch_model.safetensors"
 TEST_SPLIT = "test"
 ALIGNMENT_FIGURES = ("cosine", "retrieval_top1")
 ALIGNMENT_MARGIN_BASIS = "min over alignment cosine and retrieval_top1, adapter minus production"

@@ -28,7 +28,7 @@ from suradapter.atomic import recover_dir, replace_dir, staging_dir
 from suradapter.config import ExportParams, Params
 from suradapter.devices import process_device
 from suradapter.export.runtime import MODEL_FILE, REPORT_FILE, OnnxTextPath
-from suradapter.model.adapter import SURAdapter
+from suradapter.model.adapter import ADAPTER_WEIGHTS, SURAdapter
 from suradapter.model.text_path import AdaptedTextPath
 from suradapter.model.zoo import load_base_from_params
 from suradapter.provenance import sha256_file
@@ -38,7 +38,6 @@ EXPORTER = "torch.onnx.export(dynamo=True)"
 # Loading options transformers records in a saved tokenizer_config.json: they follow the
 # environment (HF_HUB_OFFLINE), so they would make the export's bytes differ between machines.
 LOAD_OPTIONS = ("local_files_only", "cache_dir", "token", "force_download", "proxies")
-ADAPTER_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
 class ExportParityError(RuntimeError):

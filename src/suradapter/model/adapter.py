@@ -25,11 +25,14 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.utils import BaseOutput
+from diffusers.utils import SAFETENSORS_WEIGHTS_NAME, BaseOutput
 from torch import nn
 
 from suradapter.config import AdapterParams
 from suradapter.model.token_mixer import MIXER_INPUT, TokenMixer
+
+# The weights file `save_pretrained` writes in an adapter folder (diffusers' name for it).
+ADAPTER_WEIGHTS = SAFETENSORS_WEIGHTS_NAME
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline

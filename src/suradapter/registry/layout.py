@@ -17,6 +17,7 @@ from pathlib import Path
 
 from suradapter.export.runtime import MODEL_FILE
 from suradapter.export.runtime import REPORT_FILE as EXPORT_REPORT_FILE
+from suradapter.model.adapter import ADAPTER_WEIGHTS
 from suradapter.provenance import write_checksums
 from suradapter.registry.errors import RegistryError
 from suradapter.registry.manifest import parse_checksums
@@ -27,7 +28,6 @@ EXPORT_DIR = "export"
 EVAL_DIR = "eval"
 TOKENIZER_DIR = "tokenizer"
 ADAPTER_CONFIG = "config.json"
-ADAPTER_WEIGHTS = "diffusion_pytorch_model.safetensors"
 EVAL_REPORT_FILE = "report.json"
 # Paths under artifacts/, as SHA256SUMS lists them.
 ADAPTER_WEIGHTS_PATH = f"{ADAPTER_DIR}/{ADAPTER_WEIGHTS}"
