@@ -19,13 +19,16 @@ from mlflow.tracking import MlflowClient
 from flows.dvc_stage import StageResult
 from suradapter.config import Params
 from suradapter.evaluate.report import REPORT_JSON, headline_metrics, read_report
-from suradapter.provenance import dvc_output_hashes, git_commit
-from suradapter.registry.lineage import dvc_dependency_hash
+from suradapter.provenance import (
+    PIPELINE_STAGES,
+    dvc_dependency_hash,
+    dvc_output_hashes,
+    git_commit,
+)
 from suradapter.registry.store import connect
 from suradapter.tracking import PARENT_RUN_TAG, ensure_experiment, flatten_params
 
 FINISHED, FAILED = "FINISHED", "FAILED"
-DATA_STAGES = ("prepare", "embed", "train", "evaluate", "export")
 
 
 @dataclass
@@ -87,7 +90,7 @@ class FlowTracking:
         """Tag the parent with the data lineage and `summary`, give it the evaluation's gate
         metrics and images (what a user opening the run looks for first); close it FINISHED
         or FAILED."""
-        tags = {f"dvc.{key}": value for key, value in dvc_output_hashes(DATA_STAGES).items()}
+        tags = {f"dvc.{key}": value for key, value in dvc_output_hashes(PIPELINE_STAGES).items()}
         tags["surd_source_hash"] = dvc_dependency_hash("prepare", params.prepare.source)
         tags |= summary
         metrics = []

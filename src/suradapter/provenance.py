@@ -20,24 +20,41 @@ def git_commit(cwd: Path | None = None) -> str:
 
 
 def sha256_file(path: Path) -> str:
-    """sha256 of a file's bytes, read in blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """sha256 of a file's bytes."""
+    with Path(path).open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+# The stages whose outputs a trained adapter is made from, and every stage with an output the
+# retrain flow records: lineage tags name their dvc.lock hashes.
+TRAINING_DATA_STAGES = ("prepare", "embed")
+PIPELINE_STAGES = ("prepare", "embed", "train", "evaluate", "export")
+
+
+def locked_stages(lock: Path = DVC_LOCK) -> dict[str, dict]:
+    """The `stages:` dvc.lock records ({} without a lock file)."""
+    if not lock.is_file():
+        return {}
+    return (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
 
 
 def dvc_output_hashes(stages: tuple[str, ...], lock: Path = DVC_LOCK) -> dict[str, str]:
     """`{stage/path: md5}` of the outputs of `stages` recorded in dvc.lock ({} without one)."""
-    if not lock.is_file():
-        return {}
-    recorded = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    recorded = locked_stages(lock)
     return {
         f"{stage}/{out['path']}": out.get("md5", "")
         for stage in stages
         for out in recorded.get(stage, {}).get("outs", [])
     }
+
+
+def dvc_dependency_hash(stage: str, path: str, lock: Path = DVC_LOCK) -> str:
+    """The md5 dvc.lock records for dependency `path` of `stage` ('' when unknown)."""
+    wanted = Path(path).as_posix()
+    for dep in locked_stages(lock).get(stage, {}).get("deps", []):
+        if Path(dep.get("path", "")).as_posix() == wanted:
+            return str(dep.get("md5", ""))
+    return ""
 
 
 CHECKSUMS_FILE = "SHA256SUMS"

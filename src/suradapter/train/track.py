@@ -22,7 +22,7 @@ from suradapter.model.adapter import SURAdapter
 from suradapter.model.losses import LossTerms
 from suradapter.model.text_path import AdaptedTextPath
 from suradapter.model.zoo import load_base_from_params
-from suradapter.provenance import dvc_output_hashes, git_commit
+from suradapter.provenance import TRAINING_DATA_STAGES, dvc_output_hashes, git_commit
 from suradapter.tracking import ensure_experiment, flatten_params, parent_run_tags, tracking_uri
 from suradapter.train.adapter import TrainResult, train_adapter
 
@@ -96,7 +96,7 @@ def train_with_tracking(params: Params, grid_prompts: list[str]) -> TrainResult:
     with mlflow.start_run(run_name="train-adapter", tags=parent_run_tags()):
         mlflow.log_params(flatten_params(params.model_dump(mode="json")))
         tags = {"git_commit": git_commit(), "base_model": params.base_model.id}
-        tags |= {f"dvc.{k}": v for k, v in dvc_output_hashes(("prepare", "embed")).items()}
+        tags |= {f"dvc.{k}": v for k, v in dvc_output_hashes(TRAINING_DATA_STAGES).items()}
         tags["teacher"] = params.embed.model
         mlflow.set_tags(tags)
 
