@@ -517,7 +517,6 @@ class ServingParams(StrictModel):
 
 class Params(StrictModel):
     profile: str = Field("shapes", description="Active profile: tiny, shapes or sd15.")
-    seed: int = Field(0, description="Global seed for stages that draw random numbers.")
     base_model: BaseModelParams = Field(
         default_factory=BaseModelParams, description="The frozen base diffusion model."
     )
