@@ -67,6 +67,15 @@ def test_unknown_key_in_an_optional_section_lists_its_keys(params_copy):
     assert "known: depth, fit_rows, hidden, token_hidden, tokens" in message
 
 
+def test_a_reference_mode_adapter_with_fixed_mode_branches_fails_when_params_load(params_copy):
+    _edit(params_copy, lambda d: d["adapter"].update(mode="reference", teacher_dim=64))
+    with pytest.raises(ParamsError) as err:
+        load_params(params_copy)
+    message = str(err.value)
+    assert "key 'adapter'" in message
+    assert "set teacher_dim: null" in message and "set token_mixer: null" in message
+
+
 def test_bad_key_in_an_overlay_names_the_overlay(params_copy):
     overlay = params_copy.parent / "configs" / "tiny.yaml"
     _edit(overlay, lambda d: d.update(loss={"denoise": {"gradiant": 1}}))

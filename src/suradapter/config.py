@@ -101,6 +101,33 @@ class AdapterParams(StrictModel):
         "output; null = the paper's adapter alone.",
     )
 
+    @model_validator(mode="after")
+    def _consistent(self) -> AdapterParams:
+        problems = adapter_rule_violations(
+            self.mode, self.width, self.num_heads, self.teacher_dim, self.token_mixer
+        )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def adapter_rule_violations(
+    mode: str, width: int | None, num_heads: int, teacher_dim: int | None, token_mixer: object
+) -> list[str]:
+    """What breaks the adapter's cross-field rules, each naming the keys to change; checked
+    when params load (`AdapterParams`) and when an adapter is built (`SURAdapter`)."""
+    problems = []
+    if width is not None and width % num_heads:
+        problems.append(f"adapter width {width} is not divisible by num_heads {num_heads}")
+    if mode == "reference" and teacher_dim is not None:
+        problems.append(
+            "reference mode keeps the reference state_dict; its teacher projection is "
+            "frozen and lives outside the adapter (set teacher_dim: null)"
+        )
+    if mode == "reference" and token_mixer is not None:
+        problems.append("the token mixer is a fixed-mode branch (set token_mixer: null)")
+    return problems
+
 
 class DistanceParams(StrictModel):
     weight: float = Field(1.0, ge=0.0, description="Weight of this term in the total loss.")

@@ -28,7 +28,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import SAFETENSORS_WEIGHTS_NAME, BaseOutput
 from torch import nn
 
-from suradapter.config import AdapterParams
+from suradapter.config import AdapterParams, adapter_rule_violations
 from suradapter.model.token_mixer import MIXER_INPUT, TokenMixer
 
 # The weights file `save_pretrained` writes in an adapter folder (diffusers' name for it).
@@ -114,15 +114,9 @@ class SURAdapter(ModelMixin, ConfigMixin):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"adapter mode '{mode}' is unknown; use one of {MODES}")
-        if width % num_heads:
-            raise ValueError(f"adapter width {width} is not divisible by num_heads {num_heads}")
-        if mode == "reference" and teacher_dim is not None:
-            raise ValueError(
-                "reference mode keeps the reference state_dict; its teacher projection is "
-                "frozen and lives outside the adapter (set teacher_dim: null)"
-            )
-        if mode == "reference" and token_mixer is not None:
-            raise ValueError("the token mixer is a fixed-mode branch (set token_mixer: null)")
+        problems = adapter_rule_violations(mode, width, num_heads, teacher_dim, token_mixer)
+        if problems:
+            raise ValueError("; ".join(problems))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
             self._build(width, depth, mode, num_heads, ff_dim, dropout, teacher_dim)
