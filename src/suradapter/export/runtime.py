@@ -25,6 +25,8 @@ import onnx
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 import onnxruntime as ort
 
+from suradapter.model.text_path import sd_tokenize
+
 LOG = logging.getLogger(__name__)
 MODEL_FILE = "text_path.onnx"
 REPORT_FILE = "export.json"
@@ -188,13 +190,7 @@ class OnnxTextPath:
 
     def tokenize(self, tokenizer: Any, prompts: list[str]) -> dict[str, np.ndarray]:
         """Token ids and mask of `prompts`, padded and truncated to this path's length."""
-        tokens = tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=self.max_length,
-            truncation=True,
-            return_tensors="np",
-        )
+        tokens = sd_tokenize(tokenizer, prompts, "np", self.max_length)
         return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
 
 

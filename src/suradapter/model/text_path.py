@@ -12,9 +12,26 @@ from __future__ import annotations
 import torch
 from diffusers import StableDiffusionPipeline
 from torch import nn
-from transformers import BatchEncoding, CLIPTextModel, CLIPTokenizer
+from transformers import BatchEncoding, CLIPTextModel, CLIPTokenizer, PreTrainedTokenizerBase
 
 from suradapter.model.adapter import SURAdapter
+
+
+def sd_tokenize(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    return_tensors: str = "pt",
+    max_length: int | None = None,
+) -> BatchEncoding:
+    """Tokenize as the SD pipeline does: pad to `max_length` (default: the tokenizer's
+    model_max_length) and truncate there."""
+    return tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=max_length or tokenizer.model_max_length,
+        truncation=True,
+        return_tensors=return_tensors,
+    )
 
 
 def token_embeddings(text_encoder: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -53,14 +70,8 @@ class AdaptedTextPath(nn.Module):
         return int(self.tokenizer.model_max_length)
 
     def tokenize(self, prompts: list[str]) -> BatchEncoding:
-        """Tokenize as the SD pipeline does: pad to max length, truncate."""
-        return self.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=self.max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
+        """Tokenize as the SD pipeline does (`sd_tokenize`)."""
+        return sd_tokenize(self.tokenizer, prompts)
 
     def encode_text(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None

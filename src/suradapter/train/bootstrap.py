@@ -45,6 +45,7 @@ from suradapter.data.shapes import (
 )
 from suradapter.model.losses import min_snr_weights
 from suradapter.model.pixel_vae import PixelUnshuffleVAE
+from suradapter.model.text_path import sd_tokenize
 from suradapter.model.tokenizer import (
     CLIP_BPE_PACKAGE as CLIP_BPE_SOURCE,
 )
@@ -137,9 +138,7 @@ def render_training_set(
     held = set(held_out_combinations(shapes))
     combos = [combo for combo in all_combinations(shapes) if combo not in held]
     prompts = [keyword_prompt(*combo) for combo in combos]
-    tokens = tokenizer(
-        [*prompts, ""], padding="max_length", truncation=True, return_tensors="pt"
-    ).input_ids
+    tokens = sd_tokenize(tokenizer, [*prompts, ""]).input_ids
     rng = random.Random(f"bootstrap:{seed}")
     images = torch.empty(count, 3, shapes.image_size, shapes.image_size, dtype=torch.uint8)
     which = torch.empty(count, dtype=torch.long)

@@ -22,6 +22,7 @@ from transformers import CLIPTokenizer
 
 from suradapter.config import TrainParams
 from suradapter.frozen.cache import LATENTS, LOGVAR, MEAN, STATES, TEXTS, FrozenCache
+from suradapter.model.text_path import sd_tokenize
 from suradapter.teacher.cache import TeacherCache, text_key
 
 
@@ -72,9 +73,9 @@ class AdapterTrainingData:
         self.image_keys = [row["sample_id"] for row in rows]  # sha256 of texts + source image
         self.texts = [row["text"] for row in rows]
         self.prompts = [row["prompt"] for row in rows]
-        narrative = _tokenize(tokenizer, [*self.texts, ""])
+        narrative = sd_tokenize(tokenizer, [*self.texts, ""])
         self.narrative_ids, self.narrative_mask = narrative.input_ids, narrative.attention_mask
-        keyword = _tokenize(tokenizer, [*self.prompts, ""])
+        keyword = sd_tokenize(tokenizer, [*self.prompts, ""])
         self.keyword_ids, self.keyword_mask = keyword.input_ids, keyword.attention_mask
         self.narrative_keys = [text_key(text) for text in [*self.texts, ""]]
         self.keyword_keys = [text_key(text) for text in [*self.prompts, ""]]
@@ -193,14 +194,4 @@ def training_loader(
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
-    )
-
-
-def _tokenize(tokenizer: CLIPTokenizer, texts: list[str]):
-    return tokenizer(
-        texts,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
     )
