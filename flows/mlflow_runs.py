@@ -10,7 +10,7 @@ can start its own runs.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunTag
@@ -38,7 +38,6 @@ class FlowTracking:
     client: MlflowClient
     experiment_id: str
     parent_run_id: str
-    stage_runs: dict[str, str] = field(default_factory=dict)  # stage -> latest child run id
 
     @classmethod
     def start(cls, params: Params, flow_run_name: str, tags: dict[str, str]) -> FlowTracking:
@@ -60,7 +59,6 @@ class FlowTracking:
         name = stage if attempt == 1 else f"{stage} (attempt {attempt})"
         tags = {PARENT_RUN_TAG: self.parent_run_id, "stage": stage, "attempt": str(attempt)}
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
-        self.stage_runs[stage] = run.info.run_id
         return run.info.run_id
 
     def end_stage(self, run_id: str, result: StageResult | None, error: str = "") -> None:
