@@ -286,17 +286,23 @@ def test_shard_spec_parsing():
     assert owners == [1] * 50
 
 
-def test_counts_are_logged_to_an_active_mlflow_run(tmp_path):
-    import mlflow
+def test_sur_embed_logs_its_counts_to_a_run_nested_under_the_flows_stage_run(tmp_path, repo_root):
+    from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    mlflow.set_experiment("embed-test")  # never the active experiment of an earlier test
-    params = EmbedParams(cache_dir=str(tmp_path / "cache"), batch_size=8)
-    with mlflow.start_run() as run:
-        run_embed(params, texts=_texts(12))
-    logged = mlflow.get_run(run.info.run_id).data.metrics
-    assert logged["embed_computed"] == 12 and logged["embed_distinct"] == 12
-    mlflow.set_tracking_uri(None)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    params_path = _project(tmp_path, repo_root, _texts(12), batch_size=8)
+    client = MlflowClient(store)
+    experiment = client.create_experiment("sur-adapter", (tmp_path / "artifacts").as_uri())
+    stage_run = client.create_run(experiment, run_name="embed").info.run_id  # as the flow does
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "SUR_PARENT_RUN_ID": stage_run}
+    result = subprocess.run(
+        [SUR, "--params", str(params_path), "embed"], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    nested = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{stage_run}'")
+    assert [run.info.run_name for run in nested] == ["embed"]
+    assert nested[0].data.metrics["embed_computed"] == 12
+    assert nested[0].data.metrics["embed_distinct"] == 12
 
 
 # --- The cache heals: damaged index or shards are rebuilt / removed and recomputed, never served.

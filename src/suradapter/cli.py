@@ -240,8 +240,9 @@ def embed(
     ),
 ) -> None:
     """Compute teacher features for every prepared narrative prompt (cached, resumable)."""
-    from suradapter.teacher.embed import open_cache, run_embed
+    from suradapter.teacher.embed import ShardSpec, open_cache, run_embed
     from suradapter.teacher.model import TeacherNotFoundError
+    from suradapter.tracking import log_stage_run, tracking_configured
 
     params = ctx.obj.load().embed
     try:
@@ -253,10 +254,17 @@ def embed(
                 f"index rebuilt: {len(cache)} features in {len(cache.shard_files)} shards"
             )
             return
-        summary = run_embed(params, parsed_shard(shard))
+        shard_spec = parsed_shard(shard) or ShardSpec.from_environment()
+        summary = run_embed(params, shard_spec)
     except (ValueError, FileNotFoundError, TeacherNotFoundError) as err:
         fail(str(err))
     print_summary("embed", summary.as_dict())
+    everything = ctx.obj.load()
+    if tracking_configured(everything):
+        figures = summary.as_dict().items()
+        metrics = {f"embed_{k}": v for k, v in figures if isinstance(v, int | float)}
+        run_name = "embed" if shard_spec.count == 1 else f"embed {shard_spec.writer}"
+        log_stage_run(everything, run_name, metrics)
 
 
 @app.command("encode")

@@ -1,4 +1,4 @@
-"""Light MLflow helpers (no torch import): where tracking goes, and optional logging."""
+"""Light MLflow helpers (no torch import): where tracking goes, the experiment, stage runs."""
 
 from __future__ import annotations
 
@@ -57,14 +57,32 @@ def experiment_page(tracking: str, experiment_id: str, run_id: str | None = None
     return f"{page}/{run_id}?{MODEL_TRAINING_VIEW}" if run_id else f"{page}?{MODEL_TRAINING_VIEW}"
 
 
-def log_to_active_run(metrics: dict[str, float]) -> None:
-    """Log `metrics` to the active MLflow run, if there is one (and MLflow is installed)."""
-    try:
-        import mlflow
-    except ImportError:
-        return
-    if mlflow.active_run() is not None:
-        mlflow.log_metrics(metrics)
+def tracking_configured(params: Params) -> bool:
+    """Whether a tracking store was chosen: params, $MLFLOW_TRACKING_URI, or a retrain flow
+    that started this stage (not the local fallback store)."""
+    return bool(
+        params.train.tracking_uri
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or os.environ.get(PARENT_RUN_ENV, "").strip()
+    )
+
+
+def log_stage_run(params: Params, name: str, metrics: dict[str, float]) -> str:
+    """Log `metrics` as a finished run `name` of the training experiment, nested under the
+    retrain flow's stage run when a flow started this stage; returns the run id."""
+    import time
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    client = MlflowClient(tracking_uri(params))
+    experiment = ensure_experiment(client, params.train.experiment)
+    run = client.create_run(experiment, run_name=name, tags=parent_run_tags())
+    now = int(time.time() * 1000)
+    figures = [Metric(key, float(value), now, 0) for key, value in metrics.items()]
+    client.log_batch(run.info.run_id, metrics=figures)
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
 
 
 PARENT_RUN_ENV = "SUR_PARENT_RUN_ID"  # set by the retrain flow for the stages it runs

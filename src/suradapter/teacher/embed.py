@@ -31,7 +31,6 @@ from suradapter.teacher.cache import (
     text_key,
 )
 from suradapter.teacher.model import Teacher, extract_features, load_teacher
-from suradapter.tracking import log_to_active_run
 
 
 @dataclass(frozen=True)
@@ -188,8 +187,6 @@ def run_embed(
         prompts_per_s=round(computed / (finished - loaded), 2) if computed else 0.0,
         device=str(device),
     )
-    figures = {k: v for k, v in summary.as_dict().items() if isinstance(v, int | float)}
-    log_to_active_run({f"embed_{k}": v for k, v in figures.items()})
     return summary
 
 
