@@ -30,7 +30,13 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
 async def internal_error(request: Request, exc: Exception) -> JSONResponse:
     """500 with a request id to find the logged traceback; nothing about the failure itself."""
     request_id = request.scope.get(REQUEST_ID_KEY, "")
-    LOG.error("request %s %s failed (id %s)", request.method, request.url.path, request_id)
+    LOG.error(
+        "request %s %s failed (id %s)",
+        request.method,
+        request.url.path,
+        request_id,
+        exc_info=exc,  # the traceback, findable by the id the client got
+    )
     return JSONResponse(
         {"detail": "internal server error", "request_id": request_id}, status_code=500
     )

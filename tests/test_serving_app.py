@@ -173,7 +173,7 @@ def running(app) -> Iterator[str]:
         thread.join(timeout=10)
 
 
-def test_not_ready_then_an_internal_error_is_a_generic_500(tmp_path):
+def test_not_ready_then_an_internal_error_is_a_generic_500(tmp_path, caplog):
     from serving.app import create_app
 
     source = FlakySource()
@@ -192,6 +192,9 @@ def test_not_ready_then_an_internal_error_is_a_generic_500(tmp_path):
     body = failed.json()
     assert body["detail"] == "internal server error" and len(body["request_id"]) == 32
     assert "secret" not in failed.text and "Traceback" not in failed.text
+    logged = [r for r in caplog.records if body["request_id"] in r.getMessage()]
+    assert len(logged) == 1 and logged[0].exc_info is not None  # the log keeps the traceback
+    assert "secret detail" in str(logged[0].exc_info[1])
 
 
 class NumberedVersion:
