@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from mlflow.tracking import MlflowClient
 from safetensors import safe_open
 from safetensors.torch import save
 from transformers import LlamaConfig, LlamaModel
@@ -229,8 +230,20 @@ def test_sigkill_mid_run_then_resume_without_recomputing(tmp_path, repo_root):
         with safe_open(str(shard), framework="pt") as handle:
             assert handle.get_tensor("features").shape == (50, 384)
         digests[shard] = hashlib.sha256(shard.read_bytes()).hexdigest()
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    # the resumed run as the retrain flow starts it: its counts go to a run nested under the
+    # flow's stage run
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(store)
+    experiment = client.create_experiment("sur-adapter", (tmp_path / "artifacts").as_uri())
+    stage_run = client.create_run(experiment, run_name="embed").info.run_id
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "SUR_PARENT_RUN_ID": stage_run}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
+    nested = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{stage_run}'")
+    assert [run.info.run_name for run in nested] == ["embed"]
+    counts = nested[0].data.metrics  # exactly the rows of the shards the kill cut off
+    assert counts["embed_cached_before"] == 50 * len(finished)
+    assert counts["embed_computed"] == 1500 - 50 * len(finished)
     params = _embed_params(params_path)
     cache = TeacherCache(Path(params.cache_dir), _namespace(params))
     assert len(cache) == 1500 and not list((tmp_path / "cache").rglob(".*.tmp-*"))
@@ -284,25 +297,6 @@ def test_shard_spec_parsing():
             ShardSpec.parse(bad)
     owners = [sum(ShardSpec(i, 3).owns(text_key(str(k))) for i in range(3)) for k in range(50)]
     assert owners == [1] * 50
-
-
-def test_sur_embed_logs_its_counts_to_a_run_nested_under_the_flows_stage_run(tmp_path, repo_root):
-    from mlflow.tracking import MlflowClient
-
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    params_path = _project(tmp_path, repo_root, _texts(12), batch_size=8)
-    client = MlflowClient(store)
-    experiment = client.create_experiment("sur-adapter", (tmp_path / "artifacts").as_uri())
-    stage_run = client.create_run(experiment, run_name="embed").info.run_id  # as the flow does
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "SUR_PARENT_RUN_ID": stage_run}
-    result = subprocess.run(
-        [SUR, "--params", str(params_path), "embed"], env=env, capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    nested = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{stage_run}'")
-    assert [run.info.run_name for run in nested] == ["embed"]
-    assert nested[0].data.metrics["embed_computed"] == 12
-    assert nested[0].data.metrics["embed_distinct"] == 12
 
 
 # --- The cache heals: damaged index or shards are rebuilt / removed and recomputed, never served.
