@@ -100,6 +100,8 @@ def test_fixed_mode_parity_at_several_batch_sizes_and_stamped_metadata(fixed_exp
     assert onnx_path.metadata["adapter_sha256"] == sha256_file(weights)
     assert onnx_path.metadata["exporter"] == "torch.onnx.export(dynamo=True)"
     assert onnx_path.metadata["opset"] == "18"
+    graph = (result.folder / "text_path.onnx").read_bytes()  # no machine paths in the bytes
+    assert b"stack_trace" not in graph and str(Path.cwd()).encode() not in graph
     expected = path.encode(PROMPTS).numpy()
     tokens = path.tokenize(PROMPTS)
     for size in (1, 3, 4):  # dynamic batch

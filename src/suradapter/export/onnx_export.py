@@ -38,6 +38,9 @@ EXPORTER = "torch.onnx.export(dynamo=True)"
 # Loading options transformers records in a saved tokenizer_config.json: they follow the
 # environment (HF_HUB_OFFLINE), so they would make the export's bytes differ between machines.
 LOAD_OPTIONS = ("local_files_only", "cache_dir", "token", "force_download", "proxies")
+# The exporter records each node's Python stack trace: absolute source paths and line numbers,
+# which would make the graph's bytes differ between checkouts and leak local paths.
+STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
 
 
 class ExportParityError(RuntimeError):
@@ -165,6 +168,8 @@ def _export_into(
         "hidden_size": str(reference.text_encoder.config.hidden_size),
     }
     program.model.metadata_props.update(metadata)
+    for node in program.model.graph.all_nodes():  # this checkout's paths and line numbers
+        node.metadata_props.pop(STACK_TRACE_KEY, None)
     program.save(str(staging / MODEL_FILE), external_data=external)
     for option in LOAD_OPTIONS:  # how this machine loaded it is not part of the tokenizer
         reference.tokenizer.init_kwargs.pop(option, None)
