@@ -16,7 +16,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
 from suradapter.config import Params
-from suradapter.provenance import CHECKSUMS_FILE, sha256_file
+from suradapter.provenance import CHECKSUMS_FILE, file_checksums, sha256_file
 from suradapter.registry import ProductionNotImproved, promote, register_version
 from suradapter.registry.layout import (
     ADAPTER_DIR,
@@ -58,10 +58,9 @@ def result_folders(params: Params) -> dict[str, Path]:
 def local_checksums(folders: dict[str, Path]) -> dict[str, str]:
     """`{part/relative path: sha256}` of every file, as a version's SHA256SUMS lists them."""
     return {
-        f"{part}/{path.relative_to(folder).as_posix()}": sha256_file(path)
+        f"{part}/{name}": digest
         for part, folder in folders.items()
-        for path in sorted(folder.rglob("*"))
-        if path.is_file()
+        for name, digest in file_checksums(folder).items()
     }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
@@ -60,33 +61,58 @@ def dvc_dependency_hash(stage: str, path: str, lock: Path = DVC_LOCK) -> str:
 CHECKSUMS_FILE = "SHA256SUMS"
 
 
+def listed_files(folder: Path) -> list[str]:
+    """The relative paths of every file under `folder` but its SHA256SUMS, sorted."""
+    return sorted(
+        path.relative_to(folder).as_posix()
+        for path in Path(folder).rglob("*")
+        if path.is_file() and path.name != CHECKSUMS_FILE
+    )
+
+
+def file_checksums(folder: Path) -> dict[str, str]:
+    """`{relative path: sha256}` of every file under `folder` but its SHA256SUMS."""
+    return {name: sha256_file(Path(folder) / name) for name in listed_files(folder)}
+
+
+def parse_checksums(text: str) -> dict[str, str]:
+    """`{relative path: sha256}` from SHA256SUMS text (sha256sum format)."""
+    listed = {}
+    for line in text.splitlines():
+        digest, _, name = line.partition("  ")
+        if name:
+            listed[name] = digest
+    return listed
+
+
 def write_checksums(folder: Path) -> Path:
     """Write `SHA256SUMS` (sha256sum format) for every file under `folder`; return its path."""
-    lines = [
-        f"{sha256_file(path)}  {path.relative_to(folder).as_posix()}"
-        for path in sorted(folder.rglob("*"))
-        if path.is_file() and path.name != CHECKSUMS_FILE
-    ]
-    target = folder / CHECKSUMS_FILE
+    lines = [f"{digest}  {name}" for name, digest in file_checksums(folder).items()]
+    target = Path(folder) / CHECKSUMS_FILE
     target.write_text("\n".join(lines) + "\n")
     return target
 
 
+def checksum_problems(
+    folder: Path, listed: Mapping[str, str], record: str | None = None
+) -> list[str]:
+    """Each file under `folder` missing from, differing from or absent from `listed`
+    (`{relative path: sha256}`), as `path: what`; `record` names the list in the messages
+    (none: the folder's own SHA256SUMS). Each file is hashed once."""
+    problems = []
+    for name, digest in listed.items():
+        path = Path(folder) / name
+        if not path.is_file():
+            problems.append(f"{name}: missing")
+        elif sha256_file(path) != digest:
+            problems.append(f"{name}: sha256 differs" + (f" from {record}" if record else ""))
+    unlisted = sorted(set(listed_files(folder)) - set(listed))
+    problems += [
+        f"{name}: not in {record}" if record else f"{name}: not listed" for name in unlisted
+    ]
+    return problems
+
+
 def verify_checksums(folder: Path) -> list[str]:
     """Return the problems found against `SHA256SUMS` (empty when every file matches)."""
-    listed = {}
-    for line in (folder / CHECKSUMS_FILE).read_text().splitlines():
-        digest, name = line.split("  ", 1)
-        listed[name] = digest
-    problems = [
-        f"{name}: missing" if not (folder / name).is_file() else f"{name}: sha256 differs"
-        for name, digest in listed.items()
-        if not (folder / name).is_file() or sha256_file(folder / name) != digest
-    ]
-    present = {
-        p.relative_to(folder).as_posix()
-        for p in folder.rglob("*")
-        if p.is_file() and p.name != CHECKSUMS_FILE
-    }
-    problems += [f"{name}: not listed" for name in sorted(present - listed.keys())]
-    return problems
+    return checksum_problems(folder, parse_checksums((Path(folder) / CHECKSUMS_FILE).read_text()))

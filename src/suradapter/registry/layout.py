@@ -18,9 +18,8 @@ from pathlib import Path
 from suradapter.export.runtime import MODEL_FILE
 from suradapter.export.runtime import REPORT_FILE as EXPORT_REPORT_FILE
 from suradapter.model.adapter import ADAPTER_WEIGHTS
-from suradapter.provenance import write_checksums
+from suradapter.provenance import parse_checksums, write_checksums
 from suradapter.registry.errors import RegistryError
-from suradapter.registry.manifest import parse_checksums
 
 ARTIFACTS_DIR = "artifacts"
 ADAPTER_DIR = "adapter"

@@ -11,21 +11,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from suradapter.provenance import CHECKSUMS_FILE, sha256_file
+from suradapter.provenance import CHECKSUMS_FILE, checksum_problems, parse_checksums
 from suradapter.registry.errors import RegistryError
 
 MANIFEST_TAG = "sha256sums"
 MAX_MANIFEST_CHARS = 100_000  # MLflow's limit on a model version tag value
-
-
-def parse_checksums(text: str) -> dict[str, str]:
-    """`{relative path: sha256}` from SHA256SUMS text (sha256sum format)."""
-    listed = {}
-    for line in text.splitlines():
-        digest, _, name = line.partition("  ")
-        if name:
-            listed[name] = digest
-    return listed
 
 
 def manifest_tag(checksums: Path) -> str:
@@ -56,20 +46,7 @@ def recorded_manifest(tags: dict[str, str], name: str, version: str) -> dict[str
 def manifest_problems(artifacts: Path, recorded: dict[str, str]) -> list[str]:
     """Each file under `artifacts` that differs from, is missing from or is not in the
     registry's `recorded` manifest, as `path: what` (empty when all match)."""
-    problems = []
-    for name, digest in recorded.items():
-        path = artifacts / name
-        if not path.is_file():
-            problems.append(f"{name}: missing")
-        elif sha256_file(path) != digest:
-            problems.append(f"{name}: sha256 differs from the registry's record")
-    present = {
-        path.relative_to(artifacts).as_posix()
-        for path in artifacts.rglob("*")
-        if path.is_file() and path.name != CHECKSUMS_FILE
-    }
-    unlisted = sorted(present - set(recorded))
-    problems += [f"{name}: not in the registry's record" for name in unlisted]
+    problems = checksum_problems(artifacts, recorded, "the registry's record")
     sums = artifacts / CHECKSUMS_FILE
     if not sums.is_file():
         problems.append(f"{CHECKSUMS_FILE}: missing")

@@ -25,7 +25,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
 from suradapter.config import Params
-from suradapter.provenance import CHECKSUMS_FILE, sha256_file
+from suradapter.provenance import CHECKSUMS_FILE, parse_checksums, sha256_file
 from suradapter.registry.challenge import Challenge, ProductionNotImproved, challenge_production
 from suradapter.registry.errors import RegistryError
 from suradapter.registry.layout import (
@@ -34,7 +34,7 @@ from suradapter.registry.layout import (
     EVAL_REPORT_PATH,
     read_checksums,
 )
-from suradapter.registry.manifest import MANIFEST_TAG, parse_checksums
+from suradapter.registry.manifest import MANIFEST_TAG
 from suradapter.registry.report import judge_report, load_report
 from suradapter.registry.store import (
     CANDIDATE,
