@@ -244,7 +244,8 @@ def embed(
     from suradapter.teacher.model import TeacherNotFoundError
     from suradapter.tracking import log_stage_run, tracking_configured
 
-    params = ctx.obj.load().embed
+    everything = ctx.obj.load()
+    params = everything.embed
     try:
         if merge_only:
             cache = open_cache(params)
@@ -258,11 +259,10 @@ def embed(
         summary = run_embed(params, shard_spec)
     except (ValueError, FileNotFoundError, TeacherNotFoundError) as err:
         fail(str(err))
-    print_summary("embed", summary.as_dict())
-    everything = ctx.obj.load()
+    figures = summary.as_dict()
+    print_summary("embed", figures)
     if tracking_configured(everything):
-        figures = summary.as_dict().items()
-        metrics = {f"embed_{k}": v for k, v in figures if isinstance(v, int | float)}
+        metrics = {f"embed_{k}": v for k, v in figures.items() if isinstance(v, int | float)}
         run_name = "embed" if shard_spec.count == 1 else f"embed {shard_spec.writer}"
         log_stage_run(everything, run_name, metrics)
 

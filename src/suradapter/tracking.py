@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -70,8 +71,6 @@ def tracking_configured(params: Params) -> bool:
 def log_stage_run(params: Params, name: str, metrics: dict[str, float]) -> str:
     """Log `metrics` as a finished run `name` of the training experiment, nested under the
     retrain flow's stage run when a flow started this stage; returns the run id."""
-    import time
-
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
