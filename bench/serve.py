@@ -49,10 +49,10 @@ import yaml
 from suradapter.config import Params, load_params
 from suradapter.evaluate.gates import gated_report
 from suradapter.export.onnx_export import export_text_path
-from suradapter.model.adapter import ADAPTER_WEIGHTS, SURAdapter
+from suradapter.model.adapter import SURAdapter
 from suradapter.model.text_path import AdaptedTextPath
 from suradapter.model.zoo import load_base_from_params
-from suradapter.provenance import sha256_file
+from suradapter.provenance import ADAPTER_WEIGHTS, sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "bench-key-0123456789abcdef"

@@ -40,9 +40,9 @@ from test_serving_app import running
 from serving.app import create_app
 from suradapter.config import Params, load_params
 from suradapter.export.onnx_export import export_text_path
-from suradapter.model.adapter import ADAPTER_WEIGHTS, SURAdapter
+from suradapter.model.adapter import SURAdapter
 from suradapter.model.text_path import AdaptedTextPath
-from suradapter.provenance import sha256_file
+from suradapter.provenance import ADAPTER_WEIGHTS, sha256_file
 
 pytestmark = pytest.mark.slow
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from huggingface_hub import is_offline_mode
 from transformers import CLIPTokenizer
 
 from suradapter.model.specs import builtin_corpus
@@ -88,10 +89,10 @@ def test_folder_that_is_not_a_model(tmp_path):
         load_base_pipeline(str(tmp_path))
 
 
-def test_hub_id_offline_fails_at_once_saying_what_to_set(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_hub_id_offline_fails_at_once_saying_what_to_set():
+    assert is_offline_mode()  # conftest sets HF_HUB_OFFLINE before huggingface_hub loads
     with pytest.raises(BaseModelNotFoundError) as err:
         load_base_pipeline("someone/not-a-cached-model")
     message = str(err.value)
-    assert "HF_HUB_OFFLINE is set" in message
+    assert "offline mode (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set)" in message
     assert "base_model.id" in message and "local diffusers folder" in message

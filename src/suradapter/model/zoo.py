@@ -8,7 +8,6 @@ reached, it fails at once with an error that says what to set.
 
 from __future__ import annotations
 
-import os
 import socket
 import tempfile
 from functools import cache
@@ -18,6 +17,7 @@ from urllib.parse import urlparse
 
 from diffusers import StableDiffusionPipeline
 from huggingface_hub import constants as hub_constants
+from huggingface_hub import is_offline_mode
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 from transformers import CLIPTokenizer
 
@@ -125,11 +125,8 @@ def _load_from_hub(
 
 def hub_unreachable_reason(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> str | None:
     """Return why the hub cannot be used right now, or None if a TCP connect succeeds."""
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if os.environ.get(var, "").lower() in {"1", "true", "yes", "on"}:
-            return f"{var} is set"
-    if hub_constants.HF_HUB_OFFLINE:
-        return "huggingface_hub is in offline mode"
+    if is_offline_mode():
+        return "huggingface_hub is in offline mode (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set)"
     url = urlparse(hub_constants.ENDPOINT)
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
