@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from real_profile import build_models, surd_at_512
 
 from suradapter.config import Params, load_params
+from suradapter.data.pairs import AdapterTrainingData
 from suradapter.data.prepare import prepare_dataset
 from suradapter.data.shapes import generate_shapes_dataset
 from suradapter.doctor import slice_params
@@ -42,7 +43,7 @@ from suradapter.frozen.encode import latent_moments, run_encode, sample_latents,
 from suradapter.model.zoo import load_base_from_params
 from suradapter.teacher.embed import open_cache, run_embed
 from suradapter.train.adapter import frozen_parts, train_adapter
-from suradapter.train.data import AdapterTrainingData, draw_rows, step_generator
+from suradapter.train.data import draw_rows, step_generator
 
 WARMUP_STEPS = 2
 SHAPES_ROWS = 256

@@ -18,8 +18,9 @@ from mlflow.tracking import MlflowClient
 
 from flows.dvc_stage import StageResult
 from suradapter.config import Params
-from suradapter.evaluate.report import REPORT_JSON, headline_metrics, read_report
+from suradapter.evaluate.report import headline_metrics, read_report
 from suradapter.provenance import (
+    EVAL_REPORT_FILE,
     PIPELINE_STAGES,
     dvc_dependency_hash,
     dvc_output_hashes,
@@ -93,7 +94,7 @@ class FlowTracking:
         tags |= summary
         metrics = []
         evaluation = Path(params.evaluate.output_dir)
-        if ok and (evaluation / REPORT_JSON).is_file():  # a failed run may predate it
+        if ok and (evaluation / EVAL_REPORT_FILE).is_file():  # a failed run may predate it
             now = int(time.time() * 1000)
             figures = headline_metrics(read_report(evaluation))
             metrics = [Metric(name, value, now, 0) for name, value in figures.items()]

@@ -16,16 +16,18 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
 from suradapter.config import Params
-from suradapter.provenance import CHECKSUMS_FILE, file_checksums, sha256_file
-from suradapter.registry import ProductionNotImproved, promote, register_version
-from suradapter.registry.layout import (
+from suradapter.provenance import (
     ADAPTER_DIR,
     ADAPTER_WEIGHTS,
     ARTIFACTS_DIR,
+    CHECKSUMS_FILE,
     EVAL_DIR,
     EXPORT_DIR,
-    read_checksums,
+    file_checksums,
+    parse_checksums,
+    sha256_file,
 )
+from suradapter.registry import ProductionNotImproved, promote, register_version
 from suradapter.registry.store import aliases_of, connect, download_version_file
 
 
@@ -90,7 +92,7 @@ def find_registered_copy(params: Params, folders: dict[str, Path]) -> ModelVersi
                 )
             except Exception:  # an unreadable version is simply not reused
                 continue
-            if read_checksums(sums) == wanted:
+            if parse_checksums(sums.read_text()) == wanted:
                 return version
     return None
 

@@ -1,8 +1,8 @@
 """A registered version made ready to serve: verified files, ONNX text path, base UNet/VAE.
 
 `load_version` opens the exported text path of a fetched version (its files checked against
-the registry's manifest by the fetch) with the session factory (`OnnxTextPath`) and its
-tokenizer, and attaches the base diffusion pipeline named in `export.json`. `smoke_test`
+the registry's manifest by the fetch) with the loader the pyfunc model uses (`load_export`),
+and attaches the base diffusion pipeline named in `export.json`. `smoke_test`
 embeds fixed prompts before a version is allowed to serve.
 """
 
@@ -14,19 +14,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from serving.settings import ServingParams
 from suradapter.config import Params
-from suradapter.export.runtime import OnnxTextPath, read_report
+from suradapter.export.runtime import ExportedTextPath, OnnxTextPath, load_export
 from suradapter.model.zoo import load_base_pipeline
-from suradapter.registry.layout import ARTIFACTS_DIR, EXPORT_DIR
+from suradapter.provenance import ARTIFACTS_DIR, EXPORT_DIR
 
 LOG = logging.getLogger(__name__)
 SMOKE_PROMPTS = ("", "three red circles on a white background")
@@ -146,15 +144,20 @@ class ServedVersion:
 
     version: str
     root: Path
-    text_path: OnnxTextPath
-    tokenizer: PreTrainedTokenizerBase
+    exported: ExportedTextPath
     base: BaseDiffusion
-    export_report: dict[str, Any]
-    token_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def text_path(self) -> OnnxTextPath:
+        return self.exported.text_path
+
+    @property
+    def token_lock(self) -> threading.Lock:
+        return self.exported.token_lock
 
     @property
     def base_model(self) -> str:
-        return str(self.export_report["base_model"])
+        return str(self.exported.report["base_model"])
 
     @property
     def width(self) -> int:
@@ -168,9 +171,7 @@ class ServedVersion:
 
     def embed(self, prompts: list[str]) -> np.ndarray:
         """Adapted prompt embeddings, float32 [len(prompts), tokens, width], in one call."""
-        with self.token_lock:  # fast tokenizers refuse concurrent calls ("Already borrowed")
-            tokens = self.text_path.tokenize(self.tokenizer, prompts)
-        return self.text_path.run(**tokens)
+        return self.exported.embed(prompts)
 
     def generate(
         self,
@@ -206,17 +207,13 @@ def load_version(
     manifest by the source's fetch). Raises VersionLoadError."""
     export_dir = Path(root) / ARTIFACTS_DIR / EXPORT_DIR
     try:
-        report = read_report(export_dir)
-        text_path = OnnxTextPath.load(
+        exported = load_export(
             export_dir, list(settings.providers), Path(params.export.trt_cache_dir)
         )
-        tokenizer = AutoTokenizer.from_pretrained(export_dir / "tokenizer", local_files_only=True)
-        if len(tokenizer) <= 2:  # transformers 5 can load a CLIP tokenizer without its vocab
-            raise ValueError(f"tokenizer in {export_dir / 'tokenizer'} has no vocabulary")
-        base = bases.get(str(report["base_model"]))
+        base = bases.get(str(exported.report["base_model"]))
     except Exception as err:
         raise VersionLoadError(f"version {version}: cannot load: {err}") from err
-    served = ServedVersion(version, Path(root), text_path, tokenizer, base, report)
+    served = ServedVersion(version, Path(root), exported, base)
     if served.width != base.cross_attention_dim:
         raise VersionLoadError(
             f"version {version}: text path width {served.width} does not match the base "

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from reference_impl import ReferenceAdapter
-from suradapter.model.adapter import SURAdapter, count_parameters
+from suradapter.model.adapter import SURAdapter
 
 WIDTH, HEADS, FF = 32, 8, 64
 
@@ -87,10 +87,11 @@ def test_convert_then_from_pretrained_round_trips(reference_checkpoint, tmp_path
 def test_parameter_counts_at_sd_width():
     fixed = SURAdapter(width=768, mode="fixed")
     reference = SURAdapter(width=768, mode="reference")
-    fixed_count = count_parameters(fixed.parameters())
+    fixed_count = fixed.num_parameters()
     assert 13.9e6 < fixed_count < 14.1e6
-    assert count_parameters(reference.inference_parameters()) == fixed_count
-    assert 20.0e6 < count_parameters(reference.parameters()) < 20.2e6
+    assert fixed.num_inference_parameters() == fixed_count
+    assert reference.num_inference_parameters() == fixed_count
+    assert 20.0e6 < reference.num_parameters() < 20.2e6
 
 
 def test_fixed_mode_has_no_unused_parameters():

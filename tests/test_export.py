@@ -15,7 +15,6 @@ import torch
 from suradapter.config import load_params
 from suradapter.export.onnx_export import LOAD_OPTIONS, ExportParityError, export_text_path
 from suradapter.export.runtime import (
-    MODEL_FILE,
     PROVIDERS,
     OnnxTextPath,
     ProviderError,
@@ -27,7 +26,7 @@ from suradapter.model.adapter import SURAdapter
 from suradapter.model.text_path import AdaptedTextPath, token_embeddings
 from suradapter.model.token_mixer import MIXER_INPUT
 from suradapter.model.zoo import load_base_pipeline
-from suradapter.provenance import sha256_file
+from suradapter.provenance import TEXT_PATH_MODEL, sha256_file
 
 PROMPTS = ["", "a red circle", "three blue squares on a kitchen table", "purple triangles"]
 
@@ -137,7 +136,7 @@ def test_failed_parity_names_the_figure_and_keeps_the_previous_export(
     path, adapter_dir, result = fixed_export
     target = tmp_path / "export"
     shutil.copytree(result.folder, target)
-    before = sha256_file(target / MODEL_FILE)
+    before = sha256_file(target / TEXT_PATH_MODEL)
     strict = settings.model_copy(update={"fp32_tolerance": 1e-12})
     with torch.no_grad():
         path.adapter.fc.weight.mul_(1.5)  # a different adapter, so the file would change
@@ -147,7 +146,7 @@ def test_failed_parity_names_the_figure_and_keeps_the_previous_export(
     finally:
         with torch.no_grad():
             path.adapter.fc.weight.div_(1.5)
-    assert sha256_file(target / MODEL_FILE) == before
+    assert sha256_file(target / TEXT_PATH_MODEL) == before
     assert not list(tmp_path.glob("export.*"))  # no staging folder left behind
 
 
@@ -171,7 +170,7 @@ def test_bad_inputs_get_a_clear_error(fixed_export, ids, mask, message):
 def test_the_factory_skips_gpu_providers_it_cannot_use_and_says_so(fixed_export, caplog):
     """On a machine without a usable GPU provider it runs on the CPU and says why each GPU
     provider was skipped; where one is usable (a lent GPU) it runs there."""
-    model = fixed_export[2].folder / MODEL_FILE
+    model = fixed_export[2].folder / TEXT_PATH_MODEL
     with caplog.at_level(logging.INFO, logger="suradapter.export.runtime"):
         session, provider = create_session(model, ["tensorrt", "cuda", "cpu"])
     usable = candidate_providers(["tensorrt", "cuda", "cpu"])
@@ -207,9 +206,9 @@ def test_the_export_round_trips_through_mlflow_on_s3(fixed_export, tmp_path, mon
             finally:
                 mlflow.set_tracking_uri(None)
         stored = s3.client.list_objects_v2(Bucket="mlflow")["Contents"]
-        assert any(obj["Key"].endswith(MODEL_FILE) for obj in stored)
+        assert any(obj["Key"].endswith(TEXT_PATH_MODEL) for obj in stored)
     downloaded = Path(local)
-    for name in (MODEL_FILE, "export.json"):
+    for name in (TEXT_PATH_MODEL, "export.json"):
         assert sha256_file(downloaded / name) == sha256_file(result.folder / name)
     tokens = path.tokenize(PROMPTS)
     again = OnnxTextPath.load(downloaded).run(tokens.input_ids, tokens.attention_mask)

@@ -13,11 +13,11 @@ import torch
 import yaml
 
 from suradapter.config import load_params
+from suradapter.data.pairs import AdapterTrainingData, TrainingRows, collate
 from suradapter.frozen.cache import LATENTS, MEAN, STATES, TEXTS, FrozenCache
 from suradapter.frozen.encode import fill_frozen_cache, frozen_fingerprint, open_frozen_cache
 from suradapter.model.zoo import load_base_from_params
 from suradapter.teacher.embed import ShardSpec, open_cache
-from suradapter.train.data import AdapterTrainingData, TrainingRows, collate
 
 SUR = str(Path(sys.executable).parent / "sur")
 

@@ -30,9 +30,8 @@ from typer.testing import CliRunner
 from suradapter.config import load_params
 from suradapter.evaluate.gates import gated_report
 from suradapter.export.runtime import OnnxTextPath
-from suradapter.model.adapter import ADAPTER_WEIGHTS
 from suradapter.model.text_path import AdaptedTextPath
-from suradapter.provenance import sha256_file, verify_checksums
+from suradapter.provenance import ADAPTER_WEIGHTS, sha256_file, verify_checksums
 from suradapter.registry import (
     ProductionNotImproved,
     RegistryError,

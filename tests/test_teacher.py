@@ -334,7 +334,7 @@ def _training_manifest(path: Path, texts: list[str]) -> Path:
 
 @pytest.mark.parametrize("damage", ["truncated", "missing", "wrong rows"])
 def test_damaged_index_is_rebuilt_and_embed_and_training_read(tmp_path, tiny_pipeline, damage):
-    from suradapter.train.data import AdapterTrainingData
+    from suradapter.data.pairs import AdapterTrainingData
 
     params, folder = _embedded(tmp_path)
     index = folder / "index.json"

@@ -3,6 +3,7 @@ uninterrupted run exactly, two processes train together, and MLflow gets what pe
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -34,11 +35,11 @@ def _sur(params_path: Path, *args: str, **popen) -> subprocess.Popen:
 
 
 def test_only_the_adapter_gets_gradients(tiny_project):
+    from suradapter.data.pairs import AdapterTrainingData
     from suradapter.model.adapter import SURAdapter
     from suradapter.model.zoo import load_base_from_params
     from suradapter.teacher.embed import open_cache
     from suradapter.train.adapter import frozen_parts, step_loss
-    from suradapter.train.data import AdapterTrainingData
 
     params = _params(tiny_project)
     pipeline = load_base_from_params(params.base_model)
@@ -121,10 +122,10 @@ def test_with_ema_the_saved_adapter_holds_the_ema_weights(tiny_project):
 def test_the_token_mixer_is_standardised_on_training_token_embeddings_before_step_0(
     tiny_project,
 ):
+    from suradapter.data.pairs import AdapterTrainingData
     from suradapter.model.adapter import SURAdapter
     from suradapter.model.zoo import load_base_from_params
     from suradapter.train.adapter import fit_mixer_statistics, train_adapter
-    from suradapter.train.data import AdapterTrainingData
 
     root = tiny_project.parent
     params = _params(
@@ -332,3 +333,38 @@ def test_the_run_fingerprint_follows_math_params_not_bookkeeping(tiny_project):
     assert run_fingerprint(run_settings(other_lr, 1, "no")) != base
     assert run_fingerprint(run_settings(params, 2, "no")) != base
     assert run_fingerprint(run_settings(params, 1, "bf16")) != base
+
+
+def _learning_rates(schedule, optimizer, steps: int) -> list[float]:
+    rates = []
+    for _ in range(steps):
+        rates.append(schedule.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+    return rates
+
+
+def test_both_trainers_warm_up_linearly_then_decay_to_their_floor():
+    from suradapter.config import BootstrapParams, Params, TrainParams
+    from suradapter.train import adapter, bootstrap
+
+    def optimizer():
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+
+    train = TrainParams(warmup_steps=4, max_steps=12, lr_scheduler="cosine")
+    opt = optimizer()
+    rates = _learning_rates(adapter.lr_schedule(Params(train=train), opt), opt, 13)
+    assert rates[:5] == [0.0, 0.5, 1.0, 1.5, 2.0]  # linear warm-up to the peak
+    assert all(a > b for a, b in itertools.pairwise(rates[4:13]))  # cosine decay
+    assert abs(rates[8] - 2.0 * (0.1 + 0.9 * 0.5)) < 1e-9  # half way: mean of peak and floor
+    assert abs(rates[12] - 2.0 * adapter.COSINE_FLOOR) < 1e-9
+
+    opt = optimizer()
+    constant = TrainParams(warmup_steps=4, max_steps=12, lr_scheduler="constant")
+    rates = _learning_rates(adapter.lr_schedule(Params(train=constant), opt), opt, 12)
+    assert rates[:4] == [0.0, 0.5, 1.0, 1.5] and set(rates[4:]) == {2.0}
+
+    opt = optimizer()
+    base = BootstrapParams(warmup_steps=2, steps=10, min_lr_ratio=0.25)
+    rates = _learning_rates(bootstrap.lr_schedule(base, opt), opt, 11)
+    assert rates[:3] == [0.0, 1.0, 2.0] and abs(rates[10] - 0.5) < 1e-9

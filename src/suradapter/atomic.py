@@ -44,10 +44,16 @@ def replace_dir(staging: Path, target: Path) -> None:
     shutil.rmtree(backup, ignore_errors=True)
 
 
-def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
-    """Write `data` to `path` through a temp file and a rename (fsync'd when `durable`)."""
+def atomic_write_bytes(path: Path, data: bytes, durable: bool = True, mode: int = 0o666) -> None:
+    """Write `data` to `path` through a temp file and a rename (fsync'd when `durable`).
+
+    The file is created with `mode` (less the umask; 0o600: the owner only), so it is never
+    readable by others, not even while it is being written.
+    """
     temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with temp.open("wb") as handle:
+    temp.unlink(missing_ok=True)
+    descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(descriptor, "wb") as handle:
         handle.write(data)
         if durable:
             handle.flush()

@@ -322,6 +322,7 @@ def export(
 ) -> None:
     """Export the adapted text path to ONNX and check its parity with PyTorch."""
     from suradapter.export.onnx_export import ExportParityError, export_adapter
+    from suradapter.provenance import ADAPTER_CONFIG
 
     params = ctx.obj.load()
     settings = params.export
@@ -329,7 +330,7 @@ def export(
         settings = settings.model_copy(update={"fp16": fp16})
     adapter_dir = adapter_dir or Path(settings.adapter_dir)
     out_dir = out_dir or Path(settings.output_dir)
-    if not (adapter_dir / "config.json").is_file():
+    if not (adapter_dir / ADAPTER_CONFIG).is_file():
         fail(f"no adapter in {adapter_dir}: run `sur train` or pass --adapter", code=2)
     with console.status(f"exporting {adapter_dir} to ONNX"):
         try:
@@ -408,7 +409,7 @@ def bootstrap_base_command(
     """Train the shapes-world base model once (resumable) and write it with its provenance."""
     import sys
 
-    from suradapter.train.bootstrap import bootstrap_base
+    from suradapter.shapes_base import bootstrap_base
 
     params = ctx.obj.load()
     command = " ".join(["sur", *sys.argv[1:]])
@@ -432,7 +433,7 @@ def run(
     Exits 0 when the pipeline ran, also when the new version failed its gates (it is then
     registered without @candidate and the summary says why); 1 when a stage or the stack failed.
     """
-    from suradapter.main_job import run_main_job
+    from flows.main_job import run_main_job
 
     params = ctx.obj.load()
     try:
@@ -462,7 +463,7 @@ def deploy(
 
     from flows import settings
     from flows.deploy import deploy_flows, worker_command
-    from suradapter.main_job import ensure_stack
+    from flows.main_job import ensure_stack
 
     params = ctx.obj.load()
     try:

@@ -19,8 +19,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from suradapter.stack.settings import StackParams
-
 PARAMS_ENV = "SUR_PARAMS"
 PROFILE_ENV = "SUR_PROFILE"
 DEFAULT_PARAMS_FILE = Path("params.yaml")
@@ -278,7 +276,9 @@ class TrainParams(StrictModel):
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-steps per update.")
     learning_rate: float = Field(1e-3, gt=0, description="Peak AdamW learning rate.")
     lr_scheduler: Literal["constant", "cosine"] = Field(
-        "cosine", description="After warm-up: constant, or cosine decay to 10% of the peak."
+        "cosine",
+        description="After warm-up: constant, or cosine decay to 10% of the peak (transformers' "
+        "`constant_with_warmup` / `cosine_with_min_lr`).",
     )
     warmup_steps: int = Field(50, ge=0, description="Linear warm-up steps.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
@@ -540,6 +540,51 @@ class ServingParams(StrictModel):
     limits: ServingLimits = Field(
         default_factory=ServingLimits, description="Request limits; above them: a 4xx."
     )
+
+
+BUCKET_PATTERN = r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"
+
+
+class StackParams(StrictModel):
+    """The local stack: Prefect server, MLflow tracking server and an S3 server, on loopback."""
+
+    state_dir: str = Field(
+        ".sur/stack",
+        description="Databases, S3 objects, logs, pid files and credentials (kept across down/up).",
+    )
+    prefect_port: int = Field(4200, ge=1, le=65535, description="Prefect server port.")
+    mlflow_port: int = Field(5000, ge=1, le=65535, description="MLflow tracking server port.")
+    s3_port: int = Field(9000, ge=1, le=65535, description="S3 server (rclone) port.")
+    artifacts_bucket: str = Field(
+        "mlflow", pattern=BUCKET_PATTERN, description="S3 bucket of the MLflow artifacts."
+    )
+    artifacts_prefix: str = Field(
+        "artifacts", description="Key prefix of the MLflow artifacts inside their bucket."
+    )
+    dvc_bucket: str = Field(
+        "dvc", pattern=BUCKET_PATTERN, description="S3 bucket of the DVC remote."
+    )
+    mlflow_workers: int = Field(
+        1, ge=1, description="MLflow server workers (each one costs about 150 MB)."
+    )
+    auth: bool = Field(
+        False, description="Start MLflow with basic-auth (admin password in a 0600 file)."
+    )
+    startup_timeout: float = Field(
+        120.0, gt=0, description="Seconds `sur stack up` waits for each service to be healthy."
+    )
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> StackParams:
+        ports = {"s3_port": self.s3_port, "mlflow_port": self.mlflow_port}
+        ports["prefect_port"] = self.prefect_port
+        if len(set(ports.values())) != len(ports):
+            raise ValueError(f"stack ports must differ, got {ports}")
+        return self
+
+    def port(self, service: str) -> int:
+        """The configured port of `service` ('s3', 'mlflow' or 'prefect')."""
+        return getattr(self, f"{service}_port")
 
 
 class Params(StrictModel):

@@ -1,4 +1,18 @@
-"""Lineage facts recorded with every artefact: git commit, file hashes, DVC data hashes."""
+"""The artifact contract: the files the stages write and a registered version holds, their
+`SHA256SUMS`, and the lineage recorded with them (git commit, file hashes, DVC data hashes).
+
+A registered version, as `download_artifacts("models:/sur-adapter@...")` gives it:
+
+    <root>/MLmodel, python_env.yaml, ...   the pyfunc flavour (MLflow's own files)
+    <root>/artifacts/adapter/              config.json, diffusion_pytorch_model.safetensors
+    <root>/artifacts/export/               text_path.onnx, export.json, tokenizer/
+    <root>/artifacts/eval/                 report.json, report.md, *.png
+    <root>/artifacts/SHA256SUMS            sha256 of every file under artifacts/ (relative paths);
+                                           also the version's `sha256sums` tag (`manifest`)
+
+The stages write the same folders (`sur train`, `sur export`, `sur evaluate`). Export,
+registry, flows and serving take these names from here.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +22,24 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
+from diffusers.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
+
+# File names inside each stage's output folder.
+ADAPTER_CONFIG = CONFIG_NAME  # what diffusers' `save_pretrained` writes
+ADAPTER_WEIGHTS = SAFETENSORS_WEIGHTS_NAME
+TEXT_PATH_MODEL = "text_path.onnx"
+EXPORT_REPORT_FILE = "export.json"
+TOKENIZER_DIR = "tokenizer"
+EVAL_REPORT_FILE = "report.json"
+EVAL_REPORT_MD = "report.md"
+CHECKSUMS_FILE = "SHA256SUMS"
+# A registered version's folders, and paths under artifacts/ as SHA256SUMS lists them.
+ARTIFACTS_DIR = "artifacts"
+ADAPTER_DIR = "adapter"
+EXPORT_DIR = "export"
+EVAL_DIR = "eval"
+ADAPTER_WEIGHTS_PATH = f"{ADAPTER_DIR}/{ADAPTER_WEIGHTS}"
+EVAL_REPORT_PATH = f"{EVAL_DIR}/{EVAL_REPORT_FILE}"
 
 DVC_LOCK = Path("dvc.lock")
 
@@ -56,9 +88,6 @@ def dvc_dependency_hash(stage: str, path: str, lock: Path = DVC_LOCK) -> str:
         if Path(dep.get("path", "")).as_posix() == wanted:
             return str(dep.get("md5", ""))
     return ""
-
-
-CHECKSUMS_FILE = "SHA256SUMS"
 
 
 def listed_files(folder: Path) -> list[str]:

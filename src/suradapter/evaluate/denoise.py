@@ -11,8 +11,8 @@ from collections.abc import Callable
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 
+from suradapter.data.pairs import AdapterTrainingData
 from suradapter.model.losses import denoising_target
-from suradapter.train.data import AdapterTrainingData
 
 ConditionFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 PROMPT_FIELDS = ("keyword", "narrative")

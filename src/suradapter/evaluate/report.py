@@ -10,9 +10,8 @@ from PIL import Image
 
 from suradapter.atomic import recover_dir, replace_dir, staging_dir
 from suradapter.evaluate.oracle import ATTRIBUTES
+from suradapter.provenance import EVAL_REPORT_FILE, EVAL_REPORT_MD
 
-REPORT_JSON = "report.json"
-REPORT_MD = "report.md"
 ATTRIBUTE_PLOT = "attributes.png"
 GRID_IMAGE = "grid.png"
 
@@ -86,20 +85,20 @@ def write_report(folder: Path, report: dict, grid: Image.Image | None) -> Path:
     """Write report.json, report.md, the attribute plot and the grid into `folder` at once."""
     recover_dir(folder)
     staging = staging_dir(folder)
-    (staging / REPORT_JSON).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    (staging / REPORT_MD).write_text(markdown(report))
+    (staging / EVAL_REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    (staging / EVAL_REPORT_MD).write_text(markdown(report))
     semantic = report["metrics"].get("semantic")
     if semantic:
         attribute_figure(semantic).savefig(staging / ATTRIBUTE_PLOT, dpi=100)
     if grid is not None:
         grid.save(staging / GRID_IMAGE)
     replace_dir(staging, folder)
-    return folder / REPORT_JSON
+    return folder / EVAL_REPORT_FILE
 
 
 def read_report(folder: Path) -> dict:
     """Load a report.json; raises FileNotFoundError naming the path when absent."""
-    path = Path(folder) / REPORT_JSON
+    path = Path(folder) / EVAL_REPORT_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no evaluation report (run `sur evaluate`)")
     return json.loads(path.read_text())

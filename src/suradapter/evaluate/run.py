@@ -27,7 +27,9 @@ from diffusers import StableDiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 
+from suradapter.comparison import comparison_grid
 from suradapter.config import Params
+from suradapter.data.pairs import AdapterTrainingData
 from suradapter.devices import process_device
 from suradapter.evaluate.alignment import embedding_alignment
 from suradapter.evaluate.clip_score import clip_scores, load_clip
@@ -43,12 +45,10 @@ from suradapter.evaluate.semantic import (
     prompt_sets,
     score_sets,
 )
-from suradapter.model.adapter import ADAPTER_WEIGHTS, SURAdapter
+from suradapter.model.adapter import SURAdapter
 from suradapter.model.text_path import AdaptedTextPath
 from suradapter.model.zoo import load_base_from_params
-from suradapter.provenance import sha256_file
-from suradapter.train.data import AdapterTrainingData
-from suradapter.train.track import comparison_grid
+from suradapter.provenance import ADAPTER_WEIGHTS, sha256_file
 
 TEST_SPLIT = "test"
 ALIGNMENT_FIGURES = ("cosine", "retrieval_top1")

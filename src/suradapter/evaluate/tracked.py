@@ -17,7 +17,7 @@ from suradapter.config import Params
 from suradapter.evaluate.report import headline_metrics, write_report
 from suradapter.evaluate.run import EvaluationResult, evaluate_adapter, load_adapter
 from suradapter.model.adapter import SURAdapter
-from suradapter.provenance import git_commit
+from suradapter.provenance import ADAPTER_DIR, git_commit
 from suradapter.tracking import ensure_experiment, flatten_params, parent_run_tags, tracking_uri
 
 
@@ -29,7 +29,7 @@ def production_baseline(params: Params, workdir: Path) -> tuple[str, SURAdapter]
     if version is None:
         return None
     fetched = fetch_version(params, version, workdir / "production")
-    return version, load_adapter(fetched.root / "artifacts" / "adapter")
+    return version, load_adapter(fetched.artifacts / ADAPTER_DIR)
 
 
 def evaluate_with_tracking(

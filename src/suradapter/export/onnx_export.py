@@ -27,11 +27,17 @@ from torch import nn
 from suradapter.atomic import recover_dir, replace_dir, staging_dir
 from suradapter.config import ExportParams, Params
 from suradapter.devices import process_device
-from suradapter.export.runtime import MODEL_FILE, REPORT_FILE, OnnxTextPath
-from suradapter.model.adapter import ADAPTER_WEIGHTS, SURAdapter
+from suradapter.export.runtime import OnnxTextPath
+from suradapter.model.adapter import SURAdapter
 from suradapter.model.text_path import AdaptedTextPath
 from suradapter.model.zoo import load_base_from_params
-from suradapter.provenance import sha256_file
+from suradapter.provenance import (
+    ADAPTER_WEIGHTS,
+    EXPORT_REPORT_FILE,
+    TEXT_PATH_MODEL,
+    TOKENIZER_DIR,
+    sha256_file,
+)
 
 LOG = logging.getLogger(__name__)
 EXPORTER = "torch.onnx.export(dynamo=True)"
@@ -99,7 +105,7 @@ def export_text_path(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     replace_dir(staging, out_dir)
-    LOG.info("exported %s (parity %.3g)", out_dir / MODEL_FILE, report["parity_max_abs_diff"])
+    LOG.info("exported %s (parity %.3g)", out_dir / TEXT_PATH_MODEL, report["parity_max_abs_diff"])
     return ExportResult(out_dir, report)
 
 
@@ -170,10 +176,10 @@ def _export_into(
     program.model.metadata_props.update(metadata)
     for node in program.model.graph.all_nodes():  # this checkout's paths and line numbers
         node.metadata_props.pop(STACK_TRACE_KEY, None)
-    program.save(str(staging / MODEL_FILE), external_data=external)
+    program.save(str(staging / TEXT_PATH_MODEL), external_data=external)
     for option in LOAD_OPTIONS:  # how this machine loaded it is not part of the tokenizer
         reference.tokenizer.init_kwargs.pop(option, None)
-    reference.tokenizer.save_pretrained(staging / "tokenizer")
+    reference.tokenizer.save_pretrained(staging / TOKENIZER_DIR)
 
     exported = OnnxTextPath.load(staging, params.providers, Path(params.trt_cache_dir))
     diff = parity_max_abs_diff(reference, exported, params.parity_prompts)
@@ -194,7 +200,7 @@ def _export_into(
             f"ONNX text path differs from PyTorch by {diff:.3g} (max abs, "
             f"{report['dtype']}), above the tolerance {tolerance:g}; {out_dir} was left as it was"
         )
-    (staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    (staging / EXPORT_REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,9 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 import onnxruntime as ort
 
 from suradapter.model.text_path import sd_tokenize
+from suradapter.provenance import EXPORT_REPORT_FILE, TEXT_PATH_MODEL, TOKENIZER_DIR
 
 LOG = logging.getLogger(__name__)
-MODEL_FILE = "text_path.onnx"
-REPORT_FILE = "export.json"
 PROVIDERS = {
     "tensorrt": "TensorrtExecutionProvider",
     "cuda": "CUDAExecutionProvider",
@@ -131,9 +131,9 @@ class OnnxTextPath:
         trt_cache_dir: Path | None = None,
     ) -> OnnxTextPath:
         """Open the export in `folder` with the session factory."""
-        model = Path(folder) / MODEL_FILE
+        model = Path(folder) / TEXT_PATH_MODEL
         if not model.is_file():
-            raise FileNotFoundError(f"no {MODEL_FILE} in {folder}: run `sur export` first")
+            raise FileNotFoundError(f"no {TEXT_PATH_MODEL} in {folder}: run `sur export` first")
         header = onnx.load(str(model), load_external_data=False)  # graph only, no session
         metadata = {prop.key: prop.value for prop in header.metadata_props}
         del header
@@ -196,4 +196,48 @@ class OnnxTextPath:
 
 def read_report(folder: Path) -> dict:
     """The export report (`export.json`) written beside the model."""
-    return json.loads((Path(folder) / REPORT_FILE).read_text())
+    return json.loads((Path(folder) / EXPORT_REPORT_FILE).read_text())
+
+
+def load_export_tokenizer(folder: Path) -> Any:
+    """The export's CLIP tokenizer. Raises ValueError if it loaded without its vocabulary.
+
+    `CLIPTokenizer.from_pretrained(folder)`: with transformers 5, `CLIPTokenizer(vocab_file=...)`
+    silently drops the files and maps every word to <|endoftext|>.
+    """
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+    if tokenizer.vocab_size <= 2:
+        raise ValueError(f"tokenizer in {folder} loaded without its vocabulary")
+    return tokenizer
+
+
+@dataclass
+class ExportedTextPath:
+    """An export folder opened for inference: prompts in, adapted prompt embeddings out.
+
+    The one inference path of a registered version: the pyfunc model and the server both
+    open it with `load_export`.
+    """
+
+    text_path: OnnxTextPath
+    tokenizer: Any
+    report: dict[str, Any]
+    token_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def embed(self, prompts: list[str]) -> np.ndarray:
+        """Adapted prompt embeddings, float32 [len(prompts), tokens, width], in one call."""
+        with self.token_lock:  # fast tokenizers refuse concurrent calls ("Already borrowed")
+            tokens = self.text_path.tokenize(self.tokenizer, prompts)
+        return self.text_path.run(**tokens)
+
+
+def load_export(
+    folder: Path, preference: list[str] | None = None, trt_cache_dir: Path | None = None
+) -> ExportedTextPath:
+    """Open the export in `folder`: its report, text path (session factory) and tokenizer."""
+    folder = Path(folder)
+    report = read_report(folder)
+    text_path = OnnxTextPath.load(folder, preference, trt_cache_dir)
+    return ExportedTextPath(text_path, load_export_tokenizer(folder / TOKENIZER_DIR), report)

@@ -273,9 +273,9 @@ def run_encode(
     params: Params, shard: ShardSpec | None = None, device: torch.device | None = None
 ) -> EncodeSummary:
     """`sur encode`: load the base model and fill the cache for the training split."""
+    from suradapter.data.pairs import AdapterTrainingData
     from suradapter.model.specs import check_resolution
     from suradapter.model.zoo import load_base_from_params, native_resolution
-    from suradapter.train.data import AdapterTrainingData
 
     device = device or process_device()
     pipeline = load_base_from_params(params.base_model)

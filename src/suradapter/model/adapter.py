@@ -17,7 +17,6 @@ the mixer's output projection zero-initialised, so an untrained adapter changes 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -25,14 +24,11 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.utils import SAFETENSORS_WEIGHTS_NAME, BaseOutput
+from diffusers.utils import BaseOutput
 from torch import nn
 
 from suradapter.config import AdapterParams, adapter_rule_violations
 from suradapter.model.token_mixer import MIXER_INPUT, TokenMixer
-
-# The weights file `save_pretrained` writes in an adapter folder (diffusers' name for it).
-ADAPTER_WEIGHTS = SAFETENSORS_WEIGHTS_NAME
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -91,8 +87,6 @@ class TokenAttention(nn.Module):
 
 class SURAdapter(ModelMixin, ConfigMixin):
     """SUR-adapter over frozen text-encoder states; `save_pretrained` carries eta and shape."""
-
-    config_name = "config.json"
 
     @register_to_config
     def __init__(
@@ -251,10 +245,11 @@ class SURAdapter(ModelMixin, ConfigMixin):
             raise ValueError("this adapter has no teacher projection (teacher_dim is null)")
         return self.teacher_projection(teacher_features)[:, None, :]
 
-    def inference_parameters(self) -> list[nn.Parameter]:
-        """Parameters used on the inference path (excludes unused and training-only ones)."""
+    def num_inference_parameters(self) -> int:
+        """Elements of the parameters the inference path uses (not the unused and
+        training-only ones that `num_parameters()` counts too)."""
         skip = ("encoder_layer.", "attention.value_layer.", "teacher_projection.")
-        return [p for n, p in self.named_parameters() if not n.startswith(skip)]
+        return sum(p.numel() for n, p in self.named_parameters() if not n.startswith(skip))
 
     @classmethod
     def from_reference_checkpoint(
@@ -333,16 +328,10 @@ def _mixer_arguments(config: dict) -> dict:
     return arguments
 
 
-def count_parameters(params: Iterable[nn.Parameter]) -> int:
-    """Return the number of elements in `params`."""
-    return sum(p.numel() for p in params)
-
-
 def describe_adapter(adapter: SURAdapter) -> dict[str, object]:
     """Return the facts `sur adapter info` prints: mode, eta, shape and parameter counts."""
     config = adapter.config
     projection = getattr(adapter, "teacher_projection", None)
-    trainable = (p for p in adapter.parameters() if p.requires_grad)
     return {
         "mode": config.mode,
         "adapter_weight (eta)": config.adapter_weight,
@@ -354,10 +343,12 @@ def describe_adapter(adapter: SURAdapter) -> dict[str, object]:
             if config.token_mixer
             else "none"
         ),
-        "inference parameters": f"{count_parameters(adapter.inference_parameters()):,}",
+        "inference parameters": f"{adapter.num_inference_parameters():,}",
         "teacher projection (training only)": (
-            f"{count_parameters(projection.parameters()):,}" if projection is not None else "none"
+            f"{sum(p.numel() for p in projection.parameters()):,}"
+            if projection is not None
+            else "none"
         ),
-        "trainable parameters": f"{count_parameters(trainable):,}",
-        "parameters in state_dict": f"{count_parameters(adapter.parameters()):,}",
+        "trainable parameters": f"{adapter.num_parameters(only_trainable=True):,}",
+        "parameters in state_dict": f"{adapter.num_parameters():,}",
     }

@@ -1,11 +1,11 @@
 """The MLflow model registry of SUR-adapter versions: register, promote, roll back, fetch.
 
 A version of `params.registry.model_name` is a pyfunc model whose files are laid out as
-`layout` describes (adapter, ONNX export, eval report, SHA256SUMS under artifacts/); its
-`sha256sums` tag records the manifest every reader checks the files against (`manifest`).
-Aliases: `candidate` (its report passed the gates), `production` (served), `previous`
-(what `rollback` returns to). Promotion over a version in production needs a head-to-head
-win (`challenge`).
+`suradapter.provenance` describes (adapter, ONNX export, eval report, SHA256SUMS under
+artifacts/); its `sha256sums` tag records the manifest every reader checks the files
+against (`manifest`). Aliases: `candidate` (its report passed the gates), `production`
+(served), `previous` (what `rollback` returns to). Promotion over a version in production
+needs a head-to-head win (`challenge`).
 """
 
 from suradapter.registry.challenge import Challenge, ProductionNotImproved

@@ -28,10 +28,9 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
 from suradapter.config import Params
-from suradapter.provenance import parse_checksums
+from suradapter.provenance import ADAPTER_DIR, parse_checksums
 from suradapter.registry.errors import RegistryError
 from suradapter.registry.fetch import fetch_version
-from suradapter.registry.layout import ADAPTER_DIR
 from suradapter.registry.manifest import MANIFEST_TAG
 from suradapter.tracking import ensure_experiment
 

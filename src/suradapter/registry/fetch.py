@@ -16,8 +16,8 @@ import mlflow
 
 from suradapter.atomic import recover_dir, replace_dir, staging_dir
 from suradapter.config import Params
+from suradapter.provenance import ARTIFACTS_DIR
 from suradapter.registry.errors import RegistryError
-from suradapter.registry.layout import ARTIFACTS_DIR
 from suradapter.registry.manifest import manifest_problems, recorded_manifest
 from suradapter.registry.store import connect, version_for_ref
 

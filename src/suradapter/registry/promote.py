@@ -25,15 +25,16 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
 from suradapter.config import Params
-from suradapter.provenance import CHECKSUMS_FILE, parse_checksums, sha256_file
-from suradapter.registry.challenge import Challenge, ProductionNotImproved, challenge_production
-from suradapter.registry.errors import RegistryError
-from suradapter.registry.layout import (
+from suradapter.provenance import (
     ADAPTER_WEIGHTS_PATH,
     ARTIFACTS_DIR,
+    CHECKSUMS_FILE,
     EVAL_REPORT_PATH,
-    read_checksums,
+    parse_checksums,
+    sha256_file,
 )
+from suradapter.registry.challenge import Challenge, ProductionNotImproved, challenge_production
+from suradapter.registry.errors import RegistryError
 from suradapter.registry.manifest import MANIFEST_TAG
 from suradapter.registry.report import judge_report, load_report
 from suradapter.registry.store import (
@@ -92,7 +93,7 @@ def promotion_problems(params: Params, name: str, version: ModelVersion) -> list
             )
         except Exception as err:
             return [*problems, f"its eval report or SHA256SUMS cannot be read ({err})"]
-        if read_checksums(sums) != recorded:
+        if parse_checksums(sums.read_text()) != recorded:
             problems.append(f"its {CHECKSUMS_FILE} differs from the registry's record")
         if recorded.get(EVAL_REPORT_PATH) != sha256_file(report_path):
             problems.append(f"its {EVAL_REPORT_PATH} differs from the registry's record")

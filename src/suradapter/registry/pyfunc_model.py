@@ -6,7 +6,8 @@
 Input is a list of prompt strings (MLflow checks it against the `list[str]` type hint, so a
 bare string is refused; a one-column DataFrame of strings also works). It runs the exported
 ONNX text path (`artifacts/export/text_path.onnx`) with the tokenizer saved beside it,
-padding and truncating exactly as the Stable Diffusion pipeline does; the output is what
+padding and truncating exactly as the Stable Diffusion pipeline does (`load_export`, the
+same loader the server uses); the output is what
 `StableDiffusionPipeline(prompt_embeds=...)` takes. Loading first checks every file under
 artifacts/ against the manifest the registry records for the version (its `sha256sums` tag,
 found through the run that logged the model; see `manifest`), not against the SHA256SUMS in
@@ -25,26 +26,11 @@ import mlflow
 import numpy as np
 import yaml
 
-from suradapter.export.runtime import OnnxTextPath
+from suradapter.export.runtime import load_export
 from suradapter.registry.errors import RegistryError
-from suradapter.registry.layout import TOKENIZER_DIR
 from suradapter.registry.manifest import manifest_problems, recorded_manifest
 
 DEFAULT_PROVIDERS = ["cuda", "cpu"]
-
-
-def load_export_tokenizer(folder: Path) -> Any:
-    """The export's CLIP tokenizer. Raises RegistryError if it loaded without its vocabulary.
-
-    `CLIPTokenizer.from_pretrained(folder)`: with transformers 5, `CLIPTokenizer(vocab_file=...)`
-    silently drops the files and maps every word to <|endoftext|>.
-    """
-    from transformers import CLIPTokenizer
-
-    tokenizer = CLIPTokenizer.from_pretrained(folder)
-    if tokenizer.vocab_size <= 2:
-        raise RegistryError(f"tokenizer in {folder} loaded without its vocabulary")
-    return tokenizer
 
 
 def as_prompts(model_input: Any) -> list[str]:
@@ -111,8 +97,7 @@ class AdaptedTextPathModel(mlflow.pyfunc.PythonModel):
                 )
         providers = list(config.get("providers") or DEFAULT_PROVIDERS)
         cache = config.get("trt_cache_dir")
-        self.text_path = OnnxTextPath.load(export, providers, Path(cache) if cache else None)
-        self.tokenizer = load_export_tokenizer(export / TOKENIZER_DIR)
+        self.exported = load_export(export, providers, Path(cache) if cache else None)
 
     def predict(
         self,
@@ -120,5 +105,4 @@ class AdaptedTextPathModel(mlflow.pyfunc.PythonModel):
         model_input: list[str],
         params: dict[str, Any] | None = None,
     ) -> np.ndarray:
-        prompts = as_prompts(model_input)
-        return self.text_path.run(**self.text_path.tokenize(self.tokenizer, prompts))
+        return self.exported.embed(as_prompts(model_input))

@@ -20,17 +20,16 @@ from mlflow.models.model import ModelInfo
 from mlflow.tracking import MlflowClient
 
 from suradapter.config import Params
-from suradapter.provenance import sha256_file
-from suradapter.registry.errors import RegistryError
-from suradapter.registry.layout import (
+from suradapter.provenance import (
     ADAPTER_DIR,
     ADAPTER_WEIGHTS,
     EVAL_DIR,
     EVAL_REPORT_FILE,
     EXPORT_DIR,
-    check_inputs,
-    stage_payload,
+    sha256_file,
 )
+from suradapter.registry.errors import RegistryError
+from suradapter.registry.layout import check_inputs, stage_payload
 from suradapter.registry.lineage import lineage_tags
 from suradapter.registry.manifest import MANIFEST_TAG, manifest_tag
 from suradapter.registry.report import judge_report, load_report

@@ -7,11 +7,11 @@ session key stay valid across `sur stack down` / `up`.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from suradapter.atomic import atomic_write_bytes
 from suradapter.stack.settings import StackPaths
 
 S3_REGION = "us-east-1"
@@ -21,12 +21,7 @@ ADMIN_USERNAME = "admin"
 def write_private(path: Path, text: str) -> None:
     """Write `text` to `path` atomically, readable and writable by the owner only."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.tmp")
-    partial.unlink(missing_ok=True)
-    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "w") as handle:
-        handle.write(text)
-    os.replace(partial, path)
+    atomic_write_bytes(path, text.encode(), mode=0o600)
 
 
 def _read_json(path: Path) -> dict | None:

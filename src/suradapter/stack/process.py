@@ -20,6 +20,7 @@ from pathlib import Path
 
 import psutil
 
+from suradapter.atomic import atomic_write_bytes
 from suradapter.stack.settings import LOOPBACK
 
 CREATE_TIME_TOLERANCE_S = 1.0
@@ -50,9 +51,7 @@ def read_record(path: Path) -> PidRecord | None:
 
 def write_record(path: Path, record: PidRecord) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.tmp")
-    partial.write_text(json.dumps(asdict(record), indent=2))
-    os.replace(partial, path)
+    atomic_write_bytes(path, json.dumps(asdict(record), indent=2).encode())
 
 
 def owned_process(record: PidRecord) -> psutil.Process | None:

@@ -11,7 +11,6 @@ weights as an uninterrupted one.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -20,14 +19,17 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import extract_model_from_parallel, gather_object, send_to_device
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from diffusers.training_utils import compute_snr
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 from tqdm import tqdm
+from transformers import get_scheduler
 
 from suradapter.atomic import recover_dir, replace_dir, staging_dir
 from suradapter.config import Params, TrainParams
+from suradapter.data.pairs import AdapterBatch, AdapterTrainingData
 from suradapter.data.prepare import prepared_resolution
 from suradapter.frozen.cache import LATENTS, TEXTS, FrozenCache
 from suradapter.frozen.encode import (
@@ -61,16 +63,11 @@ from suradapter.train.checkpoints import (
     save_checkpoint,
     write_log,
 )
-from suradapter.train.data import (
-    AdapterBatch,
-    AdapterTrainingData,
-    draw_rows,
-    step_generator,
-    training_loader,
-)
+from suradapter.train.data import draw_rows, step_generator, training_loader
 from suradapter.train.ema import load_ema, make_ema, save_ema
 
 LOSS_LOG = "loss_log.jsonl"
+COSINE_FLOOR = 0.1  # the cosine schedule ends at 10% of the peak learning rate
 LAUNCHER_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"  # set by `accelerate launch`
 
 
@@ -99,19 +96,19 @@ class FrozenParts:
         return self.noise_scheduler.config.prediction_type
 
 
-def lr_factor(params: Params):
-    """Warm-up, then constant or cosine decay to 10% of the peak at max_steps."""
+def lr_schedule(params: Params, optimizer: torch.optim.Optimizer) -> LRScheduler:
+    """Linear warm-up, then constant or cosine decay to COSINE_FLOOR of the peak at max_steps
+    (transformers' schedules)."""
     train = params.train
-
-    def factor(step: int) -> float:
-        if step < train.warmup_steps:
-            return (step + 1) / train.warmup_steps
-        if train.lr_scheduler == "constant":
-            return 1.0
-        progress = (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
+    if train.lr_scheduler == "constant":
+        return get_scheduler("constant_with_warmup", optimizer, train.warmup_steps)
+    return get_scheduler(
+        "cosine_with_min_lr",
+        optimizer,
+        train.warmup_steps,
+        train.max_steps,
+        scheduler_specific_kwargs={"min_lr_rate": COSINE_FLOOR},
+    )
 
 
 def reference_teacher_projection(teacher_dim: int, width: int, seed: int) -> nn.Linear:
@@ -150,7 +147,7 @@ def step_loss(
         else:
             mean, logvar = batch.latent_mean, batch.latent_logvar
         latents = sample_latents(mean, logvar, generator) * frozen.vae.config.scaling_factor
-    model = adapter.module if hasattr(adapter, "module") else adapter
+    model = extract_model_from_parallel(adapter)
     narrative_tokens = keyword_tokens = None
     if model.has_token_mixer:
         narrative_tokens = token_embeddings(frozen.text_encoder, batch.narrative_ids)
@@ -279,7 +276,7 @@ def train_adapter(params: Params, on_log=None, on_step=None) -> TrainResult:
         projection = reference_teacher_projection(teacher_dim, width, seed)
         projection = projection.to(accelerator.device)
     optimizer = make_optimizer(params, adapter)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(params))
+    schedule = lr_schedule(params, optimizer)
     adapter, optimizer, schedule = accelerator.prepare(adapter, optimizer, schedule)
     ema = make_ema(accelerator.unwrap_model(adapter), train.ema_decay)
 
@@ -316,7 +313,9 @@ def train_adapter(params: Params, on_log=None, on_step=None) -> TrainResult:
             generator = step_generator(train.seed, step, micro, rank)
             draw_rows(generator, len(data), train)  # the loader drew these rows: same state
             torch.manual_seed(generator.initial_seed())  # adapter dropout
-            batch = next(batches).to(accelerator.device)
+            batch = AdapterBatch(
+                **send_to_device(next(batches), accelerator.device, non_blocking=True)
+            )
             with accelerator.accumulate(adapter):
                 terms = step_loss(
                     params, adapter, frozen, batch, batch.dropped, generator, projection
@@ -412,12 +411,13 @@ def _training_code() -> dict[str, Path]:
     """The source files that define the training math (a change invalidates checkpoints)."""
     import sys
 
+    from suradapter.data import pairs
     from suradapter.frozen import encode
     from suradapter.model import adapter as adapter_module
     from suradapter.model import losses
     from suradapter.train import data
 
-    modules = (adapter_module, losses, data, encode, sys.modules[__name__])
+    modules = (adapter_module, losses, pairs, data, encode, sys.modules[__name__])
     return {module.__name__: Path(module.__file__) for module in modules}
 
 

@@ -1,4 +1,4 @@
-"""`sur bootstrap-base`: train the tiny shapes-world text-to-image model, once, and ship it.
+"""Train the tiny shapes-world text-to-image model and save it as a diffusers folder.
 
 The recipe follows the measured second prototype (shared/reference/shapes_prototype.md):
 a fixed pixel-unshuffle-4 "VAE" (48x8x8 latents), a UNet (64, 128) with attention only at
@@ -13,13 +13,10 @@ saved with `accelerator.save_state` every N steps, so a resumed run continues ex
 
 from __future__ import annotations
 
-import json
-import math
 import random
 import shutil
 import time
 from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -32,11 +29,12 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.training_utils import EMAModel, compute_snr
+from torch.optim.lr_scheduler import LRScheduler
 from tqdm import tqdm
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, get_scheduler
 
 from suradapter.atomic import recover_dir, replace_dir, staging_dir
-from suradapter.config import BootstrapParams, Params, ShapesParams
+from suradapter.config import BootstrapParams, ShapesParams
 from suradapter.data.shapes import (
     all_combinations,
     held_out_combinations,
@@ -47,14 +45,10 @@ from suradapter.model.losses import min_snr_weights
 from suradapter.model.pixel_vae import PixelUnshuffleVAE
 from suradapter.model.text_path import sd_tokenize
 from suradapter.model.tokenizer import (
-    CLIP_BPE_PACKAGE as CLIP_BPE_SOURCE,
-)
-from suradapter.model.tokenizer import (
     clip_merges,
     fetch_clip_bpe,
     write_clip_tokenizer,
 )
-from suradapter.provenance import git_commit, sha256_file, write_checksums
 from suradapter.train.checkpoints import latest_checkpoint, read_log, save_checkpoint, write_log
 
 TRAIN_LOG = "train_log.jsonl"
@@ -154,17 +148,16 @@ def render_training_set(
     return TrainingSet(images=images, input_ids=tokens[:-1][which], empty_ids=tokens[-1])
 
 
-def lr_lambda(params: BootstrapParams):
-    """Linear warm-up, then cosine decay to `min_lr_ratio` of the peak at the last step."""
-
-    def factor(step: int) -> float:
-        if step < params.warmup_steps:
-            return (step + 1) / params.warmup_steps
-        progress = (step - params.warmup_steps) / max(1, params.steps - params.warmup_steps)
-        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        return params.min_lr_ratio + (1 - params.min_lr_ratio) * cosine
-
-    return factor
+def lr_schedule(params: BootstrapParams, optimizer: torch.optim.Optimizer) -> LRScheduler:
+    """Linear warm-up, then cosine decay to `min_lr_ratio` of the peak at the last step
+    (transformers' `cosine_with_min_lr`)."""
+    return get_scheduler(
+        "cosine_with_min_lr",
+        optimizer,
+        params.warmup_steps,
+        params.steps,
+        scheduler_specific_kwargs={"min_lr_rate": params.min_lr_ratio},
+    )
 
 
 def train_base_model(
@@ -184,9 +177,9 @@ def train_base_model(
     accelerator = Accelerator(project_dir=str(checkpoints))
     trainable = [*text_encoder.parameters(), *unet.parameters()]
     optimizer = torch.optim.AdamW(trainable, lr=params.learning_rate, weight_decay=0.0)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(params))
-    text_encoder, unet, optimizer, lr_schedule = accelerator.prepare(
-        text_encoder, unet, optimizer, lr_schedule
+    schedule = lr_schedule(params, optimizer)
+    text_encoder, unet, optimizer, schedule = accelerator.prepare(
+        text_encoder, unet, optimizer, schedule
     )
     ema_text = EMAModel(text_encoder.parameters(), decay=params.ema_decay)
     ema_unet = EMAModel(unet.parameters(), decay=params.ema_decay)
@@ -209,13 +202,13 @@ def train_base_model(
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
-        lr_schedule.step()
+        schedule.step()
         optimizer.zero_grad(set_to_none=True)
         ema_text.step(text_encoder.parameters())
         ema_unet.step(unet.parameters())
         done = step + 1
         if done % params.log_every == 0 or done == stop:
-            record = {"step": done, "loss": float(loss), "lr": lr_schedule.get_last_lr()[0]}
+            record = {"step": done, "loss": float(loss), "lr": schedule.get_last_lr()[0]}
             record["seconds"] = round(time.monotonic() - started, 1)
             log.append(record)
             progress.set_postfix(loss=f"{record['loss']:.4f}")
@@ -284,46 +277,3 @@ def save_base_model(pipeline: StableDiffusionPipeline, out_dir: Path, tokenizer_
     shutil.rmtree(staging / "tokenizer")
     shutil.copytree(tokenizer_dir, staging / "tokenizer")
     replace_dir(staging, out_dir)
-
-
-def bootstrap_base(params: Params, command: str, max_steps: int | None = None) -> dict:
-    """Train, tune guidance on validation, measure on test, and ship the base model folder.
-
-    Returns the metrics written to `<output_dir>/metrics.json`.
-    """
-    from suradapter.evaluate.base_model import measure_test_sets, tune_guidance
-
-    started = time.monotonic()
-    pipeline, log = train_base_model(params.bootstrap, params.shapes, max_steps=max_steps)
-    train_seconds = time.monotonic() - started
-    guidance, validation = tune_guidance(pipeline, params.shapes, params.sampling)
-    test = measure_test_sets(pipeline, params.shapes, params.sampling, guidance)
-    metrics = {
-        "guidance": guidance,
-        "validation_keyword_seen": {str(g): s.as_dict() for g, s in validation.items()},
-        "test_keyword_heldout": test["keyword"].as_dict(),
-        "test_narrative_heldout": test["narrative"].as_dict(),
-        "images": {"keyword": test["keyword"].n, "narrative": test["narrative"].n},
-    }
-    out_dir = Path(params.bootstrap.output_dir)
-    save_base_model(pipeline, out_dir, Path(params.bootstrap.checkpoint_dir) / "tokenizer")
-    bpe = fetch_clip_bpe(Path(params.bootstrap.checkpoint_dir) / "clip-bpe")
-    provenance = {
-        "command": command,
-        "git_commit": git_commit(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "train_seconds": round(train_seconds, 1),
-        "steps": log[-1]["step"] if log else 0,
-        "tokenizer": {"source": CLIP_BPE_SOURCE, "sha256": sha256_file(bpe)},
-        "versions": {name: version(name) for name in ("torch", "diffusers", "transformers")},
-        "params": {
-            "bootstrap": params.bootstrap.model_dump(mode="json"),
-            "shapes": params.shapes.model_dump(mode="json"),
-            "sampling": params.sampling.model_dump(mode="json"),
-        },
-    }
-    (out_dir / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    shutil.copyfile(Path(params.bootstrap.checkpoint_dir) / TRAIN_LOG, out_dir / TRAIN_LOG)
-    write_checksums(out_dir)
-    return metrics

@@ -90,6 +90,5 @@ def read_log(path: Path, up_to: int) -> list[dict]:
 def write_log(path: Path, log: list[dict]) -> None:
     """Rewrite the JSON-lines log atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_suffix(".tmp")
-    temp.write_text("".join(json.dumps(record) + "\n" for record in log))
-    temp.replace(path)
+    text = "".join(json.dumps(record) + "\n" for record in log)
+    atomic_write_bytes(path, text.encode(), durable=False)
