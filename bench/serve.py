@@ -53,6 +53,7 @@ from suradapter.model.adapter import SURAdapter
 from suradapter.model.text_path import AdaptedTextPath
 from suradapter.model.zoo import load_base_from_params
 from suradapter.provenance import ADAPTER_WEIGHTS, sha256_file
+from suradapter.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "bench-key-0123456789abcdef"
@@ -215,16 +216,15 @@ def process(command: list[str], env: dict, log: Path, ready_url: str) -> Iterato
     with log.open("wb") as out:
         proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
-            deadline = time.monotonic() + STARTUP_TIMEOUT_S
-            while True:
-                try:
-                    if httpx.get(ready_url, timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"{command[:4]} did not start:\n{log.read_text()[-3000:]}")
-                time.sleep(0.3)
+            wait_until(
+                lambda: httpx.get(ready_url, timeout=2).status_code == 200,
+                STARTUP_TIMEOUT_S,
+                f"{command[:4]} to answer {ready_url}",
+                interval_s=0.3,
+                retry_on=(httpx.HTTPError,),
+                give_up=lambda: None if proc.poll() is None else f"exit code {proc.returncode}",
+                detail=lambda: log.read_text()[-3000:],
+            )
             yield
         finally:
             proc.terminate()
@@ -269,11 +269,7 @@ def swap_under_load(
         return httpx.get(f"{url}/readyz", timeout=10).json()["version"]
 
     def wait_for(version: str) -> None:
-        deadline = time.monotonic() + 120
-        while served() != version:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"version {version} was not swapped in within 120 s")
-            time.sleep(0.1)
+        wait_until(lambda: served() == version, 120, f"version {version} to be swapped in")
 
     load.start()
     time.sleep(1.0)

@@ -6,7 +6,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -14,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import boto3
+
+from suradapter.waiting import wait_until
 
 BIN = Path(sys.executable).parent
 S3_KEY, S3_SECRET = "testkey", "testsecret"
@@ -57,17 +58,28 @@ def s3_server(root: Path, buckets: tuple[str, ...]) -> Iterator[S3Server]:
         aws_secret_access_key=S3_SECRET,
         region_name="us-east-1",
     )
-    deadline = time.monotonic() + 20
     pending = list(buckets)
-    try:
+
+    def buckets_created() -> bool:
         while pending:
-            try:
-                client.create_bucket(Bucket=pending[0])
-                pending.pop(0)
-            except Exception:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise
-                time.sleep(0.1)
+            client.create_bucket(Bucket=pending[0])
+            pending.pop(0)
+        return True
+
+    def exited() -> str | None:
+        if process.poll() is None:
+            return None
+        log = process.stderr.read().decode(errors="replace")[-3000:]
+        return f"rclone exited with code {process.returncode}:\n{log}"
+
+    try:
+        wait_until(
+            buckets_created,
+            20,
+            f"the S3 server at {endpoint} to create {buckets}",
+            retry_on=(Exception,),  # connection refused while it starts
+            give_up=exited,
+        )
         yield S3Server(endpoint, client)
     finally:
         process.terminate()
@@ -102,19 +114,21 @@ def mlflow_server(root: Path, artifacts: str) -> Iterator[str]:
     log = (root / "server.log").open("wb")
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+
+    def healthy() -> bool:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            return response.status == 200
+
     try:
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                output = (root / "server.log").read_text()
-                raise RuntimeError(f"mlflow server did not start:\n{output}")
-            time.sleep(0.3)
+        wait_until(
+            healthy,
+            120,
+            f"the mlflow server at {url}",
+            interval_s=0.3,
+            retry_on=(OSError,),
+            give_up=lambda: None if process.poll() is None else f"exit code {process.returncode}",
+            detail=lambda: f"server log:\n{(root / 'server.log').read_text()}",
+        )
         yield url
     finally:
         process.terminate()

@@ -20,8 +20,7 @@ import os
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,9 +32,9 @@ import pytest
 import servers
 import torch
 import yaml
+from fastapi.testclient import TestClient
 from PIL import Image
 from test_registry import FAILING_METRICS, PASSING_METRICS, make_report, rewrite_consistently
-from test_serving_app import running
 
 from serving.app import create_app
 from suradapter.config import Params, load_params
@@ -43,6 +42,7 @@ from suradapter.export.onnx_export import export_text_path
 from suradapter.model.adapter import SURAdapter
 from suradapter.model.text_path import AdaptedTextPath
 from suradapter.provenance import ADAPTER_WEIGHTS, sha256_file
+from suradapter.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -59,6 +59,7 @@ LIMITS = {
     "max_concurrent_generate": 1,
 }
 POLL_SECONDS = 0.5
+HUNG_S = 120.0  # a wait's limit in these tests only stops a hung test; it decides nothing
 PARTS = ("adapter", "export", "eval")
 HEADERS = {"X-API-Key": KEY_FROM_ENV}
 
@@ -78,14 +79,19 @@ class Stack:
         return self.client.get("/readyz").json()
 
     def wait_until(self, predicate, what: str, timeout: float = 90.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        """The first /readyz state that `predicate` accepts."""
+
+        def accepted() -> dict | None:
             state = self.ready()
-            if predicate(state):
-                return state
-            time.sleep(0.2)
-        tail = self.log.read_text()[-3000:]
-        raise AssertionError(f"timed out waiting for {what}; /readyz: {state}\n{tail}")
+            return state if predicate(state) else None
+
+        return wait_until(
+            accepted,
+            timeout,
+            what,
+            interval_s=0.2,
+            detail=lambda: f"/readyz: {self.ready()}\n{self.log.read_text()[-3000:]}",
+        )
 
     def move_production(self, version: str) -> None:
         """Point @production at `version` by hand, bypassing `promote`'s checks."""
@@ -148,16 +154,17 @@ def serving_process(folder: Path, params_path: Path, repo_root: Path) -> Iterato
         )
         url = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + 180
-            while True:
-                try:
-                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"serving did not get ready:\n{log_path.read_text()}")
-                time.sleep(0.3)
+            wait_until(
+                lambda: httpx.get(f"{url}/readyz", timeout=2).status_code == 200,
+                180,
+                f"serving at {url} to get ready",
+                interval_s=0.3,
+                retry_on=(httpx.HTTPError,),
+                give_up=lambda: (
+                    None if process.poll() is None else f"exit code {process.returncode}"
+                ),
+                detail=lambda: f"serving log:\n{log_path.read_text()}",
+            )
             yield url
         finally:
             process.terminate()
@@ -337,16 +344,17 @@ def test_concurrent_embeds_share_one_call_and_each_gets_its_single_request_rows(
             if "_batch_" in s.name
         }
 
+    # TestClient runs the app on one event loop, which serves the requests of every thread
     with (
-        running(app) as url,
-        httpx.Client(base_url=url, headers=HEADERS, timeout=120) as client,
+        TestClient(app, headers=HEADERS) as client,
         ThreadPoolExecutor(len(BATCHED_PROMPTS)) as pool,
     ):
-        wait_for(lambda: client.get("/readyz").status_code == 200, "the in-process server")
+        wait_for(lambda: client.get("/readyz").status_code == 200, "the app to serve a version")
 
         def embed(prompts: list[str]) -> np.ndarray:
-            body = {"prompts": prompts, "encoding": "base64"}
-            return embedded(httpx.post(f"{url}/v1/embed", json=body, headers=HEADERS))
+            return embedded(
+                client.post("/v1/embed", json={"prompts": prompts, "encoding": "base64"})
+            )
 
         alone = [embed(prompts) for prompts in BATCHED_PROMPTS]  # one after another: alone
         before = batch_figures(client)
@@ -356,7 +364,7 @@ def test_concurrent_embeds_share_one_call_and_each_gets_its_single_request_rows(
             futures += [pool.submit(embed, prompts) for prompts in BATCHED_PROMPTS[1:]]
             queued = len(BATCHED_PROMPTS) - 1
             wait_for(lambda: gauge(client, "sur_text_path_waiting") == queued, "the queue")
-        together = [future.result() for future in futures]
+        together = [future.result(timeout=HUNG_S) for future in futures]
         after = batch_figures(client)
     for single, batched in zip(alone, together, strict=True):
         assert single.dtype == batched.dtype and single.shape == batched.shape
@@ -389,13 +397,9 @@ def test_generate_returns_a_seeded_png_and_compares_with_the_base(stack):
     assert Image.open(io.BytesIO(sized.content)).size == (32, 24)
 
 
-def wait_for(predicate, what: str, timeout: float = 120.0) -> None:
-    """Return once `predicate()` holds; the timeout only stops a hung test, it decides nothing."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+def wait_for(predicate: Callable[[], object], what: str) -> None:
+    """Return once `predicate()` holds (`wait_until` at this module's limit and pace)."""
+    wait_until(predicate, HUNG_S, what, interval_s=0.05)
 
 
 def gauge(client: httpx.Client, name: str) -> float:
@@ -412,24 +416,23 @@ def test_generate_beyond_the_concurrency_limit_gets_429(stack, tmp_path):
     settings = stack.params.serving.model_copy(update={"cache_dir": str(tmp_path / "cache")})
     app = create_app(stack.params, settings, (KEY_FROM_ENV.encode(),))
     request = {"prompt": "a red circle", "steps": 1}
+    # TestClient runs the app on one event loop, which serves the requests of every thread
     with (
-        running(app) as url,
-        httpx.Client(base_url=url, headers=HEADERS, timeout=120) as client,
-        httpx.Client(base_url=url, headers=HEADERS, timeout=120) as other,
+        TestClient(app, headers=HEADERS) as client,
         ThreadPoolExecutor(1) as pool,
     ):
-        wait_for(lambda: client.get("/readyz").status_code == 200, "the in-process server")
+        wait_for(lambda: client.get("/readyz").status_code == 200, "the app to serve a version")
         served = app.state.slot.current
         assert served.version == stack.versions["a"]
         with served.base.lock:  # every render takes it: the first request waits in its slot
-            first = pool.submit(other.post, "/v1/generate", json=request)
+            first = pool.submit(client.post, "/v1/generate", json=request)
             wait_for(lambda: gauge(client, "sur_generate_in_progress") == 1, "a held slot")
             refused = client.post("/v1/generate", json=request)
             assert refused.status_code == 429, refused.text
             assert "max_concurrent_generate" in refused.json()["detail"]
             assert refused.headers["retry-after"] == "1"
             assert not first.done()
-        assert first.result().status_code == 200
+        assert first.result(timeout=HUNG_S).status_code == 200
         assert gauge(client, "sur_generate_in_progress") == 0
         assert client.post("/v1/generate", json=request).status_code == 200  # the slot is free
 

@@ -1,22 +1,18 @@
 """`serving` parts that need no registry: API keys, the `serving:` params, the watcher's
-bookkeeping, and the app's error responses (a real uvicorn server in a thread)."""
+bookkeeping, the micro-batcher, and the app's error responses (through FastAPI's TestClient)."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
 import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
-import httpx
 import numpy as np
 import pytest
-import servers
-import uvicorn
+from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from serving.auth import ApiKeyError, key_matches, load_api_keys
@@ -27,8 +23,10 @@ from serving.settings import ServingParams, serving_params
 from serving.swap import AliasWatcher, ModelSlot, require_passed_gates
 from suradapter.config import Params
 from suradapter.registry import FetchedVersion
+from suradapter.waiting import wait_until_async
 
 KEY = "unit-key-0123456789abcdef"
+HUNG_S = 60.0  # a wait's limit here only stops a hung test; it decides nothing
 
 
 def test_api_keys_come_from_the_env_list_and_the_file(tmp_path):
@@ -155,24 +153,6 @@ class ExplodingVersion:
         raise RuntimeError("secret detail: /srv/models/v9/text_path.onnx is corrupt")
 
 
-@contextmanager
-def running(app) -> Iterator[str]:
-    port = servers.free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-
 def test_not_ready_then_an_internal_error_is_a_generic_500(tmp_path, caplog):
     from serving.app import create_app
 
@@ -180,14 +160,14 @@ def test_not_ready_then_an_internal_error_is_a_generic_500(tmp_path, caplog):
     source.version = None
     settings = ServingParams(cache_dir=str(tmp_path / "cache"))
     app = create_app(Params(), settings, (KEY.encode(),), source)
-    with running(app) as url:
-        ready = httpx.get(f"{url}/readyz")
+    # the 500 comes back as a response, as a client sees it, not as the exception re-raised
+    with TestClient(app, headers={"X-API-Key": KEY}, raise_server_exceptions=False) as client:
+        ready = client.get("/readyz")
         assert ready.status_code == 503 and ready.json()["ready"] is False
-        headers = {"X-API-Key": KEY}
-        waiting = httpx.post(f"{url}/v1/embed", json={"prompts": ["a"]}, headers=headers)
+        waiting = client.post("/v1/embed", json={"prompts": ["a"]})
         assert waiting.status_code == 503 and "/readyz" in waiting.json()["detail"]
         app.state.slot.current = ExplodingVersion()
-        failed = httpx.post(f"{url}/v1/embed", json={"prompts": ["a"]}, headers=headers)
+        failed = client.post("/v1/embed", json={"prompts": ["a"]})
     assert failed.status_code == 500
     body = failed.json()
     assert body["detail"] == "internal server error" and len(body["request_id"]) == 32
@@ -220,12 +200,9 @@ def gauge_value(metrics: ServingMetrics, name: str) -> float:
     return metrics.registry.get_sample_value(name) or 0.0
 
 
-async def until(predicate, what: str) -> None:
-    """Return once `predicate()` holds; the limit only stops a hung test."""
-    deadline = time.monotonic() + 60
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
+def gauge_is(metrics: ServingMetrics, name: str, value: float) -> Callable[[], bool]:
+    """A predicate for `wait_until_async`: the gauge `name` is at `value`."""
+    return lambda: gauge_value(metrics, name) == value
 
 
 async def queue_behind_a_held_call(batcher, first, requests, sync=()):
@@ -234,7 +211,8 @@ async def queue_behind_a_held_call(batcher, first, requests, sync=()):
     the tasks in submission order."""
     metrics = batcher.metrics
     tasks = [asyncio.create_task(batcher.embed_async(*first))]
-    await until(lambda: gauge_value(metrics, "sur_text_path_running") == 1, "the held call")
+    held = gauge_is(metrics, "sur_text_path_running", 1)
+    await wait_until_async(held, HUNG_S, "the held call", interval_s=0.01)
     for index, (served, prompts) in enumerate(requests):
         call = (
             asyncio.to_thread(batcher.embed, served, prompts)
@@ -243,7 +221,8 @@ async def queue_behind_a_held_call(batcher, first, requests, sync=()):
         )
         tasks.append(asyncio.create_task(call))
         queued = index + 1
-        await until(lambda q=queued: gauge_value(metrics, "sur_text_path_waiting") == q, "queue")
+        queue = gauge_is(metrics, "sur_text_path_waiting", queued)
+        await wait_until_async(queue, HUNG_S, f"{queued} queued requests", interval_s=0.01)
     return tasks
 
 

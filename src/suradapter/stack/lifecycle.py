@@ -11,7 +11,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, NoReturn
 
 import psutil
 
@@ -31,6 +31,7 @@ from suradapter.stack.process import (
 )
 from suradapter.stack.services import Service, StackError
 from suradapter.stack.settings import SERVICE_NAMES, StackParams, StackPaths
+from suradapter.waiting import wait_until
 
 DEPENDENCIES = {"mlflow": ("s3",)}  # MLflow's artifacts live on the S3 server
 POLL_S = 0.5
@@ -186,22 +187,25 @@ def _wait_healthy(
 ) -> None:
     start = time.monotonic()
     waiting = list(launches)
-    while waiting:
+
+    def all_healthy() -> bool:
         for launch in list(waiting):
             if svc.healthy(launch.service.name, launch.service.url, paths):
                 waiting.remove(launch)
             elif reason := launch.exit_reason():
                 _fail(launch, paths, reason)
-        elapsed = time.monotonic() - start
-        if waiting and elapsed > timeout:
-            _fail(waiting[0], paths, f"not healthy after {timeout:.0f} s")
         if waiting:
             names = ", ".join(launch.service.name for launch in waiting)
-            report(f"waiting for {names} to be healthy ({elapsed:.0f} s)")
-            time.sleep(POLL_S)
+            report(f"waiting for {names} to be healthy ({time.monotonic() - start:.0f} s)")
+        return not waiting
+
+    try:
+        wait_until(all_healthy, timeout, "healthy services", interval_s=POLL_S)
+    except TimeoutError:
+        _fail(waiting[0], paths, f"not healthy after {timeout:.0f} s")
 
 
-def _fail(launch: Launch, paths: StackPaths, reason: str) -> None:
+def _fail(launch: Launch, paths: StackPaths, reason: str) -> NoReturn:
     launch.stop()
     name = launch.service.name
     paths.pid_file(name).unlink(missing_ok=True)
