@@ -186,3 +186,12 @@ def test_gates_that_an_identity_adapter_would_pass_are_refused(params_copy):
     _edit(params_copy, lambda d: d["evaluate"]["gates"].update(gates))
     with pytest.raises(ParamsError, match=r"identity \(untrained\) adapter would pass"):
         load_params(params_copy)
+
+
+def test_a_temperature_on_a_distance_that_ignores_it_fails_when_params_load(params_copy):
+    _edit(params_copy, lambda data: data["loss"]["alignment"].update(temperature=2.0))
+    with pytest.raises(ParamsError, match="temperature applies to softmax_kl only; mse ignores"):
+        load_params(params_copy)
+    params = load_params(params_copy, profile="sd15")
+    assert params.loss.alignment.distance == "softmax_kl"
+    assert params.loss.alignment.softmax_temperature == 1.0

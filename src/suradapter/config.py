@@ -133,7 +133,24 @@ class DistanceParams(StrictModel):
         "softmax_kl",
         description="'softmax_kl' (reference, token-wise over hidden dims), 'mse' or 'cosine'.",
     )
-    temperature: float = Field(1.0, gt=0.0, description="Softmax temperature for softmax_kl.")
+    temperature: float | None = Field(
+        None,
+        gt=0.0,
+        description="Softmax temperature of softmax_kl (null: 1.0); mse and cosine take none.",
+    )
+
+    @model_validator(mode="after")
+    def _temperature_only_for_softmax(self) -> DistanceParams:
+        if self.temperature is not None and self.distance != "softmax_kl":
+            raise ValueError(
+                f"temperature applies to softmax_kl only; {self.distance} ignores it: remove it"
+            )
+        return self
+
+    @property
+    def softmax_temperature(self) -> float:
+        """The temperature the distance uses (1.0 when unset)."""
+        return 1.0 if self.temperature is None else self.temperature
 
 
 class DenoiseParams(StrictModel):

@@ -77,7 +77,7 @@ def llm_distillation_loss(
 ) -> torch.Tensor:
     """Adapter encoder features [B, T, D] vs the projected teacher feature [B, 1, D]."""
     return feature_distance(
-        encoder_features, projected_teacher, params.distance, params.temperature, mask
+        encoder_features, projected_teacher, params.distance, params.softmax_temperature, mask
     )
 
 
@@ -89,7 +89,11 @@ def alignment_loss(
 ) -> torch.Tensor:
     """Adapted narrative embedding vs frozen CLIP(keyword prompt), both [B, T, D]."""
     return feature_distance(
-        adapted_narrative, keyword_states.detach(), params.distance, params.temperature, mask
+        adapted_narrative,
+        keyword_states.detach(),
+        params.distance,
+        params.softmax_temperature,
+        mask,
     )
 
 
@@ -105,7 +109,7 @@ def preservation_loss(
     keyword-prompt quality that the alignment term alone does not protect.
     """
     return feature_distance(
-        adapted_keyword, keyword_states.detach(), params.distance, params.temperature, mask
+        adapted_keyword, keyword_states.detach(), params.distance, params.softmax_temperature, mask
     )
 
 
