@@ -2,7 +2,7 @@
 
 One module-scoped stack: the S3 and MLflow servers, four registered versions of the tiny
 model (a and b; c, whose ONNX file and SHA256SUMS are rewritten together in the bucket after
-registration; d, whose gates failed), and `python -m serving` serving `@production`. Tests
+registration; d, whose gates failed), and `sur serve` serving `@production`. Tests
 run in file order: the read-only checks first, then the hot swaps, which move the alias.
 Promotion's own rules (the head-to-head with production) are tested in test_registry; here
 the alias is moved by hand, as an operator with registry access can, or by `rollback`.
@@ -59,6 +59,7 @@ LIMITS = {
     "max_concurrent_generate": 1,
 }
 POLL_SECONDS = 0.5
+SUR = Path(sys.executable).parent / "sur"
 HUNG_S = 120.0  # a wait's limit in these tests only stops a hung test; it decides nothing
 PARTS = ("adapter", "export", "eval")
 HEADERS = {"X-API-Key": KEY_FROM_ENV}
@@ -135,7 +136,7 @@ def write_report(folder: Path, adapter: Path, params: Params, metrics: dict) -> 
 
 @contextmanager
 def serving_process(folder: Path, params_path: Path, repo_root: Path) -> Iterator[str]:
-    """`python -m serving` on a free loopback port; yields its URL once /readyz is 200."""
+    """`sur serve` on a free loopback port; yields its URL once /readyz is 200."""
     port = servers.free_port()
     keys = folder / "api-keys.txt"
     keys.write_text(f"# keys for the test\n{KEY_FROM_FILE}\n")
@@ -145,8 +146,8 @@ def serving_process(folder: Path, params_path: Path, repo_root: Path) -> Iterato
         "SUR_API_KEYS_FILE": str(keys),
         "PYTHONUNBUFFERED": "1",
     }
-    command = [sys.executable, "-m", "serving", "--params", str(params_path), "--profile"]
-    command += ["tiny", "--host", "127.0.0.1", "--port", str(port)]
+    command = [str(SUR), "--params", str(params_path), "--profile", "tiny", "serve"]
+    command += ["--host", "127.0.0.1", "--port", str(port)]
     log_path = folder / "serving.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
@@ -248,7 +249,7 @@ def test_a_bad_request_without_a_key_gets_401_not_a_validation_error(stack):
 def test_the_server_refuses_to_start_without_api_keys(tmp_path, repo_root):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SUR_API_KEYS")}
     result = subprocess.run(
-        [sys.executable, "-m", "serving", "--profile", "tiny", "--port", "1"],
+        [str(SUR), "--profile", "tiny", "serve", "--port", "1"],
         cwd=repo_root,
         env=env,
         capture_output=True,
@@ -256,7 +257,8 @@ def test_the_server_refuses_to_start_without_api_keys(tmp_path, repo_root):
         timeout=120,
     )
     assert result.returncode == 2
-    assert "SUR_API_KEYS" in result.stderr and "Traceback" not in result.stderr
+    output = result.stdout + result.stderr
+    assert "SUR_API_KEYS" in output and "Traceback" not in output
 
 
 TOO_LONG = "x" * (LIMITS["max_prompt_chars"] + 1)
