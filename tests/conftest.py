@@ -52,21 +52,28 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = pytest.ExitCode.NO_TESTS_COLLECTED
 
 
-PROJECT_FILES = [
-    "dvc.yaml",
-    "params.yaml",
-    "configs",
-    "src/suradapter/data",
-    "src/suradapter/teacher",
-    "src/suradapter/train",
-    "src/suradapter/frozen",
-    "src/suradapter/model",
-    "src/suradapter/export",
-    "src/suradapter/evaluate",
-    "models/shapes-base",
-    ".dvc/config",
-    ".dvcignore",
-]
+def pipeline_files(repo_root: Path) -> list[str]:
+    """What a project copy needs: the pipeline and its params, the DVC config, the shipped
+    base, and every code path dvc.yaml names as a dependency (read from dvc.yaml itself)."""
+    import yaml
+
+    stages = yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"]
+    code = {dep for stage in stages.values() for dep in stage["deps"] if dep.startswith("src/")}
+    fixed = ["dvc.yaml", "params.yaml", "configs", "models/shapes-base", ".dvc/config"]
+    return [*fixed, ".dvcignore", *sorted(code)]
+
+
+def copy_into(repo: Path, repo_root: Path, items: list[str]) -> None:
+    """Copy `items` (files or folders, relative paths) from `repo_root` to `repo`."""
+    import shutil
+
+    for item in dict.fromkeys(items):
+        source, target = repo_root / item, repo / item
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, target)
 
 
 def set_param(repo: Path, section: str, key: str, value) -> None:
@@ -89,17 +96,10 @@ def project_copy(tmp_path, repo_root):
 
 def make_project_copy(repo: Path, repo_root: Path) -> tuple[Path, dict[str, str]]:
     """Build the `project_copy` project at `repo`; return (repo, the environment to run it)."""
-    import shutil
     import subprocess
     import sys
 
-    for item in PROJECT_FILES:
-        source, target = repo_root / item, repo / item
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if source.is_dir():
-            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(source, target)
+    copy_into(repo, repo_root, pipeline_files(repo_root))
     set_param(repo, "shapes", "num_samples", 120)
     set_param(repo, "train", "max_steps", 4)
     set_param(repo, "train", "checkpoint_every", 2)
@@ -126,8 +126,9 @@ def make_project_copy(repo: Path, repo_root: Path) -> tuple[Path, dict[str, str]
 
 
 def build_tiny_project(root: Path, repo_root: Path, train: dict, **sections: dict) -> Path:
-    """Write a params file (profile tiny) whose every data path lies under `root`: 96 shapes
-    samples, generated, prepared and embedded. `train` and `sections` update those sections.
+    """Write a params file (profile tiny) whose every data path lies under `root`; the shapes
+    samples (configs/tiny.yaml sizes them) are generated, prepared and embedded. `train` and
+    `sections` update those sections of the file (keys the tiny overlay sets would not apply).
 
     Returns the params path. The frozen-output cache is filled by the first run that needs it.
     """
@@ -142,7 +143,7 @@ def build_tiny_project(root: Path, repo_root: Path, train: dict, **sections: dic
 
     shutil.copytree(repo_root / "configs", root / "configs")
     raw = yaml.safe_load((repo_root / "params.yaml").read_text())
-    raw["shapes"].update(num_samples=96, output_dir=str(root / "raw"))
+    raw["shapes"].update(output_dir=str(root / "raw"))
     raw["prepare"].update(source=str(root / "raw"), output_dir=str(root / "prepared"))
     raw["embed"].update(
         manifest=str(root / "prepared/manifest.parquet"), cache_dir=str(root / "cache")
@@ -151,12 +152,9 @@ def build_tiny_project(root: Path, repo_root: Path, train: dict, **sections: dic
     raw["train"].update(
         output_dir=str(root / "adapter"),
         checkpoint_dir=str(root / "ckpt"),
-        batch_size=8,
-        warmup_steps=2,
         tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
         **train,
     )
-    raw["sampling"].update(steps=2)
     for section, values in sections.items():
         raw[section].update(values)
     path = root / "params.yaml"

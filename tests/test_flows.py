@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import servers
 import yaml
-from conftest import PROJECT_FILES
+from conftest import copy_into, pipeline_files
 from mlflow.tracking import MlflowClient
 
 BIN = Path(sys.executable).parent
@@ -43,13 +43,7 @@ def edit_params(repo: Path, **sections: dict) -> None:
 
 def make_project(repo: Path, repo_root: Path) -> None:
     """A git + DVC project whose SURD source is a plain folder (so rows can be added to it)."""
-    for item in dict.fromkeys([*PROJECT_FILES, "src/suradapter/evaluate", "flows"]):
-        source, target = repo_root / item, repo / item
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if source.is_dir():
-            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(source, target)
+    copy_into(repo, repo_root, [*pipeline_files(repo_root), "flows"])
     edit_params(
         repo,
         shapes={"num_samples": 120},
