@@ -108,16 +108,13 @@ def test_an_identity_adapter_fails_the_gates_of_every_profile(params_path, profi
 
 @pytest.fixture(scope="module")
 def eval_project(tmp_path_factory, repo_root) -> Path:
-    """Tiny profile: 96 prepared shapes samples, embedded, and a 6-step adapter."""
+    """Tiny profile: the prepared shapes samples, embedded, and a 6-step adapter."""
     from suradapter.train.adapter import train_adapter
 
     root = tmp_path_factory.mktemp("eval-project")
     evaluate = {
         "adapter_dir": str(root / "adapter"),
         "output_dir": str(root / "eval"),
-        "images_per_combination": 4,
-        "denoise_batches": 1,
-        "alignment_rows": 16,
         "grid_prompts": 2,
     }
     path = build_tiny_project(root, repo_root, {"max_steps": 6}, evaluate=evaluate)
@@ -226,7 +223,7 @@ def test_clip_score_is_bounded_deterministic_and_per_model(tiny_clip, tiny_pipel
     from suradapter.model.adapter import SURAdapter
     from suradapter.model.text_path import AdaptedTextPath
 
-    sampling = tiny_params.sampling.model_copy(update={"steps": 2})
+    sampling = tiny_params.sampling
     adapter = SURAdapter.for_pipeline(tiny_params.adapter, tiny_pipeline).eval()
     with torch.no_grad():
         adapter.fc.weight.normal_(0, 1.0)  # a non-trivial adapter: its images differ
@@ -418,3 +415,21 @@ def test_promotion_over_production_needs_a_real_head_to_head_win(
     assert tags["challenge.production_version"] == better.version
     lead = min(figures["worse"][f] - figures["better"][f] for f in ("cosine", "retrieval_top1"))
     assert float(tags["challenge.margin"]) == pytest.approx(lead) and lead < 0
+
+
+def test_the_report_writer_refuses_a_report_that_breaks_the_contract(tmp_path):
+    from test_registry import make_report
+
+    from suradapter.evaluate.report import ReportError, read_report, write_report
+
+    good = make_report("a" * 64)
+    good["metrics"] |= {"clip_score": None, "clip_score_note": " (skipped)"}
+    broken = good | {"gates": [{"name": "gap_closure", "passed": "yes"}]}
+    with pytest.raises(ValueError, match=r"breaks its contract: gates\.0\.passed"):
+        write_report(tmp_path / "eval", broken, None)
+    assert not (tmp_path / "eval").exists()  # nothing half-written
+    write_report(tmp_path / "eval", good, None)
+    assert read_report(tmp_path / "eval") == good
+    (tmp_path / "eval" / "report.json").write_text(json.dumps(good | {"passed": "true"}))
+    with pytest.raises(ReportError, match=r"report.json does not follow the report contract"):
+        read_report(tmp_path / "eval")

@@ -186,6 +186,9 @@ def lock_dependency_md5(repo_root: Path, stage: str, path: str) -> str:
         ({"gates": []}, "contradicts itself: it lists gates [], but its metrics call for"),
         ({"adapter_sha256": "0" * 64}, "not for this adapter"),
         ({"metrics": None}, "malformed"),
+        ({"passed": 1}, "report is malformed: passed: Input should be a valid boolean"),
+        ({"gates": [{"name": "x", "passed": True, "value": True}]}, "gates.0.value: Input"),
+        ({"gates": [{"name": "x", "passed": True, "rule": ">"}]}, "gates.0.rule: Value error"),
         ({"metrics": {"alignment": {}}}, "metrics.denoise is missing"),
     ],
 )

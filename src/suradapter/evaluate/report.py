@@ -1,19 +1,71 @@
-"""The evaluation's outputs: report.json, report.md and plots, written as one folder."""
+"""The evaluation's outputs: report.json, report.md and plots, written as one folder.
+
+`EvalReport` is the report.json contract: `write_report` checks a report against it before
+writing, and its readers (`read_report`, the registry's `load_report`) check what they read.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from matplotlib.figure import Figure
 from PIL import Image
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from suradapter.atomic import recover_dir, replace_dir, staging_dir
+from suradapter.evaluate.gates import RULES
 from suradapter.evaluate.oracle import ATTRIBUTES
 from suradapter.provenance import EVAL_REPORT_FILE, EVAL_REPORT_MD
 
 ATTRIBUTE_PLOT = "attributes.png"
 GRID_IMAGE = "grid.png"
+
+
+class GateRecord(BaseModel):
+    """One gate as report.json records it (`evaluate.gates.Gate`)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    name: str
+    passed: bool
+    value: float | None = None
+    threshold: float | None = None
+    rule: str | None = None
+
+    @field_validator("rule")
+    @classmethod
+    def _known_rule(cls, rule: str | None) -> str | None:
+        if rule is not None and rule not in RULES:
+            raise ValueError(f"must be one of {', '.join(RULES)}")
+        return rule
+
+
+class EvalReport(BaseModel):
+    """The keys of report.json every reader relies on (others, such as `base_model`, may
+    follow). Strict: `true` is not a number and `1` is not a verdict."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    passed: bool
+    adapter_sha256: str
+    gates: list[GateRecord]
+    metrics: dict[str, Any]
+
+
+def report_problems(report: Any) -> list[str]:
+    """Where `report` departs from the report.json contract, as `key: what` (empty: none)."""
+    if not isinstance(report, dict):
+        return [f"top level must be an object, got {type(report).__name__}"]
+    try:
+        EvalReport.model_validate(report)
+    except ValidationError as err:
+        return [
+            f"{'.'.join(str(part) for part in error['loc']) or 'report'}: {error['msg']}"
+            for error in err.errors()
+        ]
+    return []
 
 
 def attribute_figure(semantic: dict[str, dict[str, dict[str, float]]]) -> Figure:
@@ -82,7 +134,12 @@ def markdown(report: dict) -> str:
 
 
 def write_report(folder: Path, report: dict, grid: Image.Image | None) -> Path:
-    """Write report.json, report.md, the attribute plot and the grid into `folder` at once."""
+    """Write report.json, report.md, the attribute plot and the grid into `folder` at once.
+
+    Raises ValueError when `report` breaks the report.json contract (nothing is written)."""
+    problems = report_problems(report)
+    if problems:
+        raise ValueError(f"the evaluation report breaks its contract: {'; '.join(problems)}")
     recover_dir(folder)
     staging = staging_dir(folder)
     (staging / EVAL_REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
@@ -96,12 +153,27 @@ def write_report(folder: Path, report: dict, grid: Image.Image | None) -> Path:
     return folder / EVAL_REPORT_FILE
 
 
-def read_report(folder: Path) -> dict:
-    """Load a report.json; raises FileNotFoundError naming the path when absent."""
-    path = Path(folder) / EVAL_REPORT_FILE
+class ReportError(ValueError):
+    """A report.json that is missing, not JSON, or breaks the contract; names the file."""
+
+
+def load_report_file(path: Path) -> dict:
+    """Read and check a report.json. Raises ReportError naming the file and the problem."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no evaluation report (run `sur evaluate`)")
-    return json.loads(path.read_text())
+        raise ReportError(f"no evaluation report at {path}: run `sur evaluate` first")
+    try:
+        report = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ReportError(f"{path}: not valid JSON ({err})") from None
+    problems = report_problems(report)
+    if problems:
+        raise ReportError(f"{path} does not follow the report contract: {'; '.join(problems)}")
+    return report
+
+
+def read_report(folder: Path) -> dict:
+    """The checked report.json of an eval folder (`load_report_file`)."""
+    return load_report_file(Path(folder) / EVAL_REPORT_FILE)
 
 
 def headline_metrics(report: dict) -> dict[str, float]:

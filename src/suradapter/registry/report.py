@@ -1,9 +1,5 @@
-"""The evaluation report contract (`report.json`, written by `sur evaluate`) and its verdict.
-
-    {"passed": bool, "adapter_sha256": str,
-     "gates": [{"name": str, "passed": bool, "value": float | null, "threshold": float | null,
-                "rule": ">=" | "<="}],
-     "metrics": {...}}
+"""The registry's verdict on an evaluation report (`report.json`, written by `sur evaluate`;
+its contract is `suradapter.evaluate.report.EvalReport`).
 
 The registry does not take `passed: true` on trust. It re-derives the gates from the report's
 `metrics` with the profile's `evaluate.gates` (`suradapter.evaluate.gates.decide_gates`, the
@@ -16,14 +12,13 @@ profile's thresholds and `adapter_sha256` is the sha256 of the adapter weights i
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from suradapter.config import GateParams
-from suradapter.evaluate.gates import RULES, Gate, MissingFigure, decide_gates, holds
+from suradapter.evaluate.gates import Gate, MissingFigure, decide_gates, holds
+from suradapter.evaluate.report import ReportError, load_report_file, report_problems
 from suradapter.registry.errors import RegistryError
 
 
@@ -34,50 +29,12 @@ class ReportVerdict:
     contradictions: list[str] = field(default_factory=list)  # where it contradicts itself
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def contract_problems(report: Any) -> list[str]:
-    """Where `report` departs from the report.json contract (empty when it follows it)."""
-    if not isinstance(report, dict):
-        return [f"top level must be an object, got {type(report).__name__}"]
-    problems = []
-    expected = {"passed": bool, "adapter_sha256": str, "gates": list, "metrics": dict}
-    for key, kind in expected.items():
-        if key not in report:
-            problems.append(f"key '{key}' missing")
-        elif not isinstance(report[key], kind):
-            problems.append(f"key '{key}' must be {kind.__name__}, got {report[key]!r:.60}")
-    for index, gate in enumerate(report.get("gates") or []):
-        where = f"gates[{index}]"
-        if not isinstance(gate, dict):
-            problems.append(f"{where} must be an object")
-            continue
-        if not isinstance(gate.get("name"), str):
-            problems.append(f"{where}.name must be a string")
-        if not isinstance(gate.get("passed"), bool):
-            problems.append(f"{where}.passed must be true or false")
-        for key in ("value", "threshold"):
-            if gate.get(key) is not None and not _is_number(gate[key]):
-                problems.append(f"{where}.{key} must be a number or null")
-        if gate.get("rule") is not None and gate["rule"] not in RULES:
-            problems.append(f"{where}.rule must be one of {', '.join(RULES)}")
-    return problems
-
-
 def load_report(path: Path) -> dict:
     """Read and check a report.json. Raises RegistryError naming the file and the problem."""
-    if not path.is_file():
-        raise RegistryError(f"no evaluation report at {path}: run `sur evaluate` first")
     try:
-        report = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise RegistryError(f"{path}: not valid JSON ({err})") from None
-    problems = contract_problems(report)
-    if problems:
-        raise RegistryError(f"{path} does not follow the report contract: {'; '.join(problems)}")
-    return report
+        return load_report_file(path)
+    except ReportError as err:
+        raise RegistryError(str(err)) from None
 
 
 def _same(recorded: float | None, derived: float | None) -> bool:
@@ -123,7 +80,7 @@ def contradictions(report: dict, derived: list[Gate]) -> list[str]:
 def judge_report(report: dict, adapter_sha256: str, gates: GateParams) -> ReportVerdict:
     """Whether `report` passes, under the gate thresholds `gates`, for the adapter whose
     weights hash to `adapter_sha256`. The gates are re-derived from the report's metrics."""
-    reasons = [f"report is malformed: {problem}" for problem in contract_problems(report)]
+    reasons = [f"report is malformed: {problem}" for problem in report_problems(report)]
     if reasons:
         return ReportVerdict(False, reasons)
     try:
