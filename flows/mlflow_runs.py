@@ -22,8 +22,7 @@ from suradapter.evaluate.report import headline_metrics, read_report
 from suradapter.provenance import (
     EVAL_REPORT_FILE,
     PIPELINE_STAGES,
-    dvc_dependency_hash,
-    dvc_output_hashes,
+    data_lineage_tags,
     git_commit,
 )
 from suradapter.registry.store import connect
@@ -89,9 +88,7 @@ class FlowTracking:
         """Tag the parent with the data lineage and `summary`, give it the evaluation's gate
         metrics and images (what a user opening the run looks for first); close it FINISHED
         or FAILED."""
-        tags = {f"dvc.{key}": value for key, value in dvc_output_hashes(PIPELINE_STAGES).items()}
-        tags["surd_source_hash"] = dvc_dependency_hash("prepare", params.prepare.source)
-        tags |= summary
+        tags = data_lineage_tags(PIPELINE_STAGES, params.prepare.source) | summary
         metrics = []
         evaluation = Path(params.evaluate.output_dir)
         if ok and (evaluation / EVAL_REPORT_FILE).is_file():  # a failed run may predate it

@@ -71,23 +71,23 @@ def locked_stages(lock: Path = DVC_LOCK) -> dict[str, dict]:
     return (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
 
 
-def dvc_output_hashes(stages: tuple[str, ...], lock: Path = DVC_LOCK) -> dict[str, str]:
-    """`{stage/path: md5}` of the outputs of `stages` recorded in dvc.lock ({} without one)."""
+def data_lineage_tags(
+    stages: tuple[str, ...], surd_source: str | None, lock: Path = DVC_LOCK
+) -> dict[str, str]:
+    """The data lineage dvc.lock records, as tags: `dvc.<stage>/<path>` (md5) for each output
+    of `stages`, and `surd_source_hash`, the md5 of the prepare stage's dependency
+    `surd_source` ('' when unknown). One read of dvc.lock ({} of outputs without one)."""
     recorded = locked_stages(lock)
-    return {
-        f"{stage}/{out['path']}": out.get("md5", "")
+    tags = {
+        f"dvc.{stage}/{out['path']}": str(out.get("md5", ""))
         for stage in stages
         for out in recorded.get(stage, {}).get("outs", [])
     }
-
-
-def dvc_dependency_hash(stage: str, path: str, lock: Path = DVC_LOCK) -> str:
-    """The md5 dvc.lock records for dependency `path` of `stage` ('' when unknown)."""
-    wanted = Path(path).as_posix()
-    for dep in locked_stages(lock).get(stage, {}).get("deps", []):
-        if Path(dep.get("path", "")).as_posix() == wanted:
-            return str(dep.get("md5", ""))
-    return ""
+    wanted = Path(surd_source).as_posix() if surd_source else None
+    deps = recorded.get("prepare", {}).get("deps", [])
+    found = [dep for dep in deps if Path(dep.get("path", "")).as_posix() == wanted]
+    tags["surd_source_hash"] = str(found[0].get("md5", "")) if found else ""
+    return tags
 
 
 def listed_files(folder: Path) -> list[str]:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from suradapter.config import Params
 
 if TYPE_CHECKING:
-    from mlflow import MlflowClient
+    from mlflow import ActiveRun, MlflowClient
 
 LOCAL_STORE = Path(".sur/mlflow.db")
 LOCAL_ARTIFACTS = Path(".sur/mlartifacts")
@@ -65,6 +65,22 @@ def tracking_configured(params: Params) -> bool:
         params.train.tracking_uri
         or os.environ.get("MLFLOW_TRACKING_URI")
         or os.environ.get(PARENT_RUN_ENV, "").strip()
+    )
+
+
+def start_stage_run(params: Params, name: str) -> ActiveRun:
+    """`mlflow.start_run` for stage `name` in the training experiment (tagged for the
+    model-training view): nested under the active run if there is one, else under the flow's
+    stage run when a flow started this stage."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = tracking_uri(params)
+    mlflow.set_tracking_uri(uri)
+    experiment = ensure_experiment(MlflowClient(uri), params.train.experiment)
+    nested = mlflow.active_run() is not None
+    return mlflow.start_run(
+        experiment_id=experiment, run_name=name, nested=nested, tags=parent_run_tags()
     )
 
 

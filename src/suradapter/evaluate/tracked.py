@@ -11,14 +11,13 @@ import tempfile
 from pathlib import Path
 
 import mlflow
-from mlflow import MlflowClient
 
 from suradapter.config import Params
 from suradapter.evaluate.report import headline_metrics, write_report
 from suradapter.evaluate.run import EvaluationResult, evaluate_adapter, load_adapter
 from suradapter.model.adapter import SURAdapter
 from suradapter.provenance import ADAPTER_DIR, git_commit
-from suradapter.tracking import ensure_experiment, flatten_params, parent_run_tags, tracking_uri
+from suradapter.tracking import flatten_params, start_stage_run, tracking_uri
 
 
 def production_baseline(params: Params, workdir: Path) -> tuple[str, SURAdapter] | None:
@@ -36,18 +35,13 @@ def evaluate_with_tracking(
     params: Params, adapter_dir: Path | None = None, use_production: bool = True
 ) -> EvaluationResult:
     """Evaluate inside an MLflow run; write evaluate.output_dir; log report, plots, metrics."""
-    uri = tracking_uri(params)
-    mlflow.set_tracking_uri(uri)
+    mlflow.set_tracking_uri(tracking_uri(params))  # the production baseline's registry
     with tempfile.TemporaryDirectory(prefix="sur-production-") as workdir:
         production = production_baseline(params, Path(workdir)) if use_production else None
         result = evaluate_adapter(params, adapter_dir, production)
     output = Path(params.evaluate.output_dir)
     write_report(output, result.report, result.grid)
-    mlflow.set_experiment(
-        experiment_id=ensure_experiment(MlflowClient(uri), params.train.experiment)
-    )
-    nested = mlflow.active_run() is not None
-    with mlflow.start_run(run_name="evaluate", nested=nested, tags=parent_run_tags()):
+    with start_stage_run(params, "evaluate"):
         mlflow.log_params(flatten_params({"evaluate": params.evaluate.model_dump(mode="json")}))
         mlflow.set_tags(
             {

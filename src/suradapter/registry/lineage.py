@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 from suradapter.config import Params
-from suradapter.provenance import (
-    TRAINING_DATA_STAGES,
-    dvc_dependency_hash,
-    dvc_output_hashes,
-    git_commit,
-)
+from suradapter.provenance import TRAINING_DATA_STAGES, data_lineage_tags, git_commit
 from suradapter.registry.report import ReportVerdict
 
 MAX_TAG_CHARS = 4000
@@ -26,11 +21,10 @@ def lineage_tags(params: Params, adapter_sha256: str, verdict: ReportVerdict) ->
         "teacher": params.embed.model,
         "adapter_sha256": adapter_sha256,
         "gate_verdict": "passed" if verdict.passed else "failed",
-        "surd_source_hash": dvc_dependency_hash("prepare", params.prepare.source),
     }
     if params.base_model.revision:
         tags["base_model_revision"] = params.base_model.revision
-    tags |= {f"dvc.{key}": value for key, value in dvc_output_hashes(TRAINING_DATA_STAGES).items()}
+    tags |= data_lineage_tags(TRAINING_DATA_STAGES, params.prepare.source)
     if verdict.reasons:
         tags["gate_failures"] = "; ".join(verdict.reasons)[:MAX_TAG_CHARS]
     return tags

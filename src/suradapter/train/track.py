@@ -12,14 +12,13 @@ from dataclasses import fields
 
 import mlflow
 from matplotlib.figure import Figure
-from mlflow import MlflowClient
 
 from suradapter.comparison import comparison_grid
 from suradapter.config import Params
 from suradapter.model.adapter import SURAdapter
 from suradapter.model.losses import LossTerms
-from suradapter.provenance import TRAINING_DATA_STAGES, dvc_output_hashes, git_commit
-from suradapter.tracking import ensure_experiment, flatten_params, parent_run_tags, tracking_uri
+from suradapter.provenance import TRAINING_DATA_STAGES, data_lineage_tags, git_commit
+from suradapter.tracking import flatten_params, start_stage_run
 from suradapter.train.adapter import TrainResult, train_adapter
 
 LOSS_TERMS = tuple(field.name for field in fields(LossTerms))  # what each log record holds
@@ -44,14 +43,10 @@ def train_with_tracking(params: Params, grid_prompts: list[str]) -> TrainResult:
     # distributed state before the Accelerator (and without its CPU flag).
     if os.environ.get("RANK", "0") != "0":
         return train_adapter(params)
-    uri = tracking_uri(params)
-    mlflow.set_tracking_uri(uri)
-    experiment = ensure_experiment(MlflowClient(uri), params.train.experiment)
-    mlflow.set_experiment(experiment_id=experiment)
-    with mlflow.start_run(run_name="train-adapter", tags=parent_run_tags()):
+    with start_stage_run(params, "train-adapter"):
         mlflow.log_params(flatten_params(params.model_dump(mode="json")))
         tags = {"git_commit": git_commit(), "base_model": params.base_model.id}
-        tags |= {f"dvc.{k}": v for k, v in dvc_output_hashes(TRAINING_DATA_STAGES).items()}
+        tags |= data_lineage_tags(TRAINING_DATA_STAGES, params.prepare.source)
         tags["teacher"] = params.embed.model
         mlflow.set_tags(tags)
 
