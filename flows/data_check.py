@@ -17,6 +17,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
+from flows.dvc_stage import project_stage
 from flows.project import project_params
 from flows.retrain import RetrainResult, retrain
 from flows.settings import CHECK_FLOW, RETRY_BACKOFF_S
@@ -53,8 +54,7 @@ def source_hash(project: Path, params: Params) -> str:
     if not (project / source).exists():
         return ""
     with Repo(str(project)) as repo:
-        (stage,) = repo.stage.collect("prepare")
-        for dep in stage.deps:
+        for dep in project_stage(repo, "prepare").deps:
             if Path(dep.def_path) == source:
                 return str(dep.get_hash().value or "")
     raise ValueError(f"dvc.yaml stage 'prepare' has no dependency on {source} (prepare.source)")
