@@ -53,7 +53,7 @@ from suradapter.model.adapter import SURAdapter
 from suradapter.model.text_path import AdaptedTextPath
 from suradapter.model.zoo import load_base_from_params
 from suradapter.provenance import ADAPTER_WEIGHTS, sha256_file
-from suradapter.waiting import wait_until
+from suradapter.waiting import ready_process, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "bench-key-0123456789abcdef"
@@ -213,25 +213,17 @@ def build_version(pipeline, params: Params, folder: Path, seed: int) -> list[Pat
 @contextmanager
 def process(command: list[str], env: dict, log: Path, ready_url: str) -> Iterator[None]:
     """Run `command` until the block ends; wait for `ready_url` to answer 200 first."""
-    with log.open("wb") as out:
-        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            wait_until(
-                lambda: httpx.get(ready_url, timeout=2).status_code == 200,
-                STARTUP_TIMEOUT_S,
-                f"{command[:4]} to answer {ready_url}",
-                interval_s=0.3,
-                retry_on=(httpx.HTTPError,),
-                give_up=lambda: None if proc.poll() is None else f"exit code {proc.returncode}",
-                detail=lambda: log.read_text()[-3000:],
-            )
-            yield
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    with ready_process(
+        command,
+        log,
+        lambda: httpx.get(ready_url, timeout=2).status_code == 200,
+        STARTUP_TIMEOUT_S,
+        f"{command[:4]} to answer {ready_url}",
+        cwd=REPO,
+        env=env,
+        retry_on=(httpx.HTTPError,),
+    ):
+        yield
 
 
 def measure_generate(url: str, count: int) -> tuple[float, float]:

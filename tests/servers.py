@@ -14,7 +14,7 @@ from pathlib import Path
 
 import boto3
 
-from suradapter.waiting import wait_until
+from suradapter.waiting import ready_process, wait_until
 
 BIN = Path(sys.executable).parent
 S3_KEY, S3_SECRET = "testkey", "testsecret"
@@ -111,32 +111,14 @@ def mlflow_server(root: Path, artifacts: str) -> Iterator[str]:
     command = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port)]
     command += ["--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}"]
     command += ["--artifacts-destination", artifacts, "--workers", "1"]
-    log = (root / "server.log").open("wb")
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
 
     def healthy() -> bool:
         with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
             return response.status == 200
 
-    try:
-        wait_until(
-            healthy,
-            120,
-            f"the mlflow server at {url}",
-            interval_s=0.3,
-            retry_on=(OSError,),
-            give_up=lambda: None if process.poll() is None else f"exit code {process.returncode}",
-            detail=lambda: f"server log:\n{(root / 'server.log').read_text()}",
-        )
+    with ready_process(command, root / "server.log", healthy, 120, f"mlflow at {url}", env=env):
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
 
 
 @contextmanager

@@ -42,7 +42,7 @@ from suradapter.export.onnx_export import export_text_path
 from suradapter.model.adapter import SURAdapter
 from suradapter.model.text_path import AdaptedTextPath
 from suradapter.provenance import ADAPTER_WEIGHTS, sha256_file
-from suradapter.waiting import wait_until
+from suradapter.waiting import ready_process, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -148,32 +148,18 @@ def serving_process(folder: Path, params_path: Path, repo_root: Path) -> Iterato
     }
     command = [str(SUR), "--params", str(params_path), "--profile", "tiny", "serve"]
     command += ["--host", "127.0.0.1", "--port", str(port)]
-    log_path = folder / "serving.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            command, cwd=repo_root, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_until(
-                lambda: httpx.get(f"{url}/readyz", timeout=2).status_code == 200,
-                180,
-                f"serving at {url} to get ready",
-                interval_s=0.3,
-                retry_on=(httpx.HTTPError,),
-                give_up=lambda: (
-                    None if process.poll() is None else f"exit code {process.returncode}"
-                ),
-                detail=lambda: f"serving log:\n{log_path.read_text()}",
-            )
-            yield url
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    url = f"http://127.0.0.1:{port}"
+    with ready_process(
+        command,
+        folder / "serving.log",
+        lambda: httpx.get(f"{url}/readyz", timeout=2).status_code == 200,
+        180,
+        f"serving at {url} to get ready",
+        cwd=repo_root,
+        env=env,
+        retry_on=(httpx.HTTPError,),
+    ):
+        yield url
 
 
 @pytest.fixture(scope="module")

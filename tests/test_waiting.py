@@ -1,13 +1,15 @@
-"""`wait_until`: the value it returns, and each way it stops (no clock is asserted on)."""
+"""`wait_until` and `ready_process`: what they return, and each way they stop (no clock is
+asserted on)."""
 
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Callable
 
 import pytest
 
-from suradapter.waiting import wait_until, wait_until_async
+from suradapter.waiting import ready_process, wait_until, wait_until_async
 
 
 def attempts(*outcomes: object) -> tuple[Callable[[], object], list[int]]:
@@ -72,3 +74,19 @@ def test_the_async_twin_returns_the_value_and_times_out_alike():
     never, _ = attempts(None)
     with pytest.raises(TimeoutError, match="the loop"):
         asyncio.run(wait_until_async(never, 0.2, "the loop", interval_s=0.01))
+
+
+def test_ready_process_yields_a_ready_process_and_stops_it_after(tmp_path):
+    flag = tmp_path / "ready"
+    script = f"import pathlib, time; pathlib.Path({str(flag)!r}).touch(); time.sleep(600)"
+    command = [sys.executable, "-c", script]
+    with ready_process(command, tmp_path / "log", flag.exists, 60, "the flag") as process:
+        assert process.poll() is None
+    assert process.returncode is not None  # stopped on leaving the block
+
+
+def test_ready_process_that_exits_first_names_its_exit_code_and_log(tmp_path):
+    command = [sys.executable, "-c", "print('no port for me'); raise SystemExit(3)"]
+    server = ready_process(command, tmp_path / "log", lambda: False, 60, "a server")
+    with pytest.raises(RuntimeError, match=r"(?s)exit code 3.*no port for me"), server:
+        pass

@@ -3,13 +3,18 @@
 `wait_until` sleeps between attempts; `wait_until_async` is its twin for code on an event
 loop. Both return the first truthy result of `predicate`, raise TimeoutError naming `what`
 at the deadline, and RuntimeError as soon as `give_up()` names a reason (a process exited).
+`ready_process` runs a server process for a block, once it answers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -52,6 +57,56 @@ async def wait_until_async(
     while not (value := next(attempts)):
         await asyncio.sleep(interval_s)
     return value
+
+
+@contextmanager
+def ready_process(
+    command: Sequence[str],
+    log: Path,
+    ready: Callable[[], object],
+    timeout_s: float,
+    what: str,
+    *,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    retry_on: tuple[type[BaseException], ...] = (OSError,),
+    interval_s: float = 0.3,
+    stop_timeout_s: float = 20.0,
+) -> Iterator[subprocess.Popen]:
+    """Run `command` (stdout and stderr to `log`) for the block, entered once `ready()` holds.
+
+    Raises RuntimeError (its exit code) if it exits first, TimeoutError after `timeout_s`,
+    either with the log's tail. On leaving, the process is terminated (killed if it does not
+    stop within `stop_timeout_s`).
+    """
+    with Path(log).open("wb") as out:
+        process = subprocess.Popen(
+            list(command),
+            cwd=cwd,
+            env=dict(env or os.environ),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_until(
+                ready,
+                timeout_s,
+                what,
+                interval_s=interval_s,
+                retry_on=retry_on,
+                give_up=lambda: (
+                    None if process.poll() is None else f"exit code {process.returncode}"
+                ),
+                detail=lambda: f"log {log}:\n{Path(log).read_text(errors='replace')[-3000:]}",
+            )
+            yield process
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 def _attempts(

@@ -22,6 +22,7 @@ import psutil
 
 from suradapter.atomic import atomic_write_bytes
 from suradapter.stack.settings import LOOPBACK
+from suradapter.waiting import wait_until
 
 CREATE_TIME_TOLERANCE_S = 1.0
 
@@ -100,17 +101,20 @@ def settled_identity(
     interpreter first. So this waits until the command line ends with `command`'s args.
     """
     args = command[1:]
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def identity(settled_only: bool = True) -> tuple[float, list[str]] | None:
+        process = psutil.Process(pid)
+        cmdline = process.cmdline()
+        settled = len(cmdline) > len(args) and cmdline[len(cmdline) - len(args) :] == args
+        return (process.create_time(), cmdline) if settled or not settled_only else None
+
+    try:
         try:
-            process = psutil.Process(pid)
-            cmdline = process.cmdline()
-            settled = len(cmdline) > len(args) and cmdline[len(cmdline) - len(args) :] == args
-            if settled or time.monotonic() > deadline:
-                return process.create_time(), cmdline
-        except psutil.NoSuchProcess:
-            return None
-        time.sleep(0.01)
+            return wait_until(identity, timeout, f"pid {pid} to show {args}", interval_s=0.01)
+        except TimeoutError:
+            return identity(settled_only=False)  # what it shows by now
+    except psutil.NoSuchProcess:
+        return None
 
 
 def stop_process_tree(process: psutil.Process, timeout: float = 20.0) -> None:
