@@ -12,7 +12,7 @@ export HF_HUB_DISABLE_TELEMETRY ?= 1
 export DO_NOT_TRACK ?= 1
 export TRANSFORMERS_VERBOSITY ?= error
 
-.PHONY: install browser run test lint format clean
+.PHONY: install browser postgres run test lint format clean
 
 install: $(VENV)/.installed
 
@@ -37,10 +37,23 @@ browser:
 		else echo "note: $(CHROMIUM) missing; the browser test will skip"; fi; \
 	fi
 
+# The registry, stack and flow tests also run on a real PostgreSQL server (Debian's package),
+# installed here when missing and apt is usable; otherwise those variants skip and say why.
+postgres:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v pg_config >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing postgresql (Debian) for the PostgreSQL tests"; \
+			(apt-get install -y -q --no-install-recommends postgresql >/dev/null 2>&1 || \
+			 (apt-get update -q >/dev/null 2>&1 && \
+			  apt-get install -y -q --no-install-recommends postgresql >/dev/null 2>&1)) || \
+			echo "warning: could not install postgresql; the PostgreSQL tests will skip"; \
+		else echo "note: PostgreSQL missing; the PostgreSQL tests will skip"; fi; \
+	fi
+
 run: install
 	$(BIN)/sur run
 
-test: install lint browser
+test: install lint browser postgres
 	$(BIN)/pytest
 
 lint: install

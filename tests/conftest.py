@@ -38,6 +38,25 @@ def tiny_params(params_path):
 
 
 @pytest.fixture(scope="session")
+def postgres_url():
+    """A real PostgreSQL server for the session (`servers.postgres_server`): its
+    `postgresql://user:password@host:port` URL. Skipped, saying why, where PostgreSQL is not
+    installed (`make test` installs it when it can)."""
+    from contextlib import ExitStack
+
+    import servers
+
+    from suradapter.stack.postgres import PostgresNotFound
+
+    with ExitStack() as stack:
+        try:
+            url = stack.enter_context(servers.postgres_server())
+        except PostgresNotFound as err:
+            pytest.skip(f"no PostgreSQL server here ({err})")
+        yield url
+
+
+@pytest.fixture(scope="session")
 def tiny_pipeline():
     from suradapter.model.zoo import load_base_pipeline
 

@@ -1,11 +1,14 @@
-"""Real local servers for tests: an S3 endpoint (rclone serve s3) and an MLflow server."""
+"""Real local servers for tests: an S3 endpoint (rclone serve s3), PostgreSQL, and an MLflow
+server on SQLite or PostgreSQL."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -14,6 +17,7 @@ from pathlib import Path
 
 import boto3
 
+from suradapter.stack import postgres
 from suradapter.waiting import ready_process, wait_until
 
 BIN = Path(sys.executable).parent
@@ -99,8 +103,32 @@ def s3_env(endpoint: str) -> dict[str, str]:
 
 
 @contextmanager
-def mlflow_server(root: Path, artifacts: str) -> Iterator[str]:
-    """`mlflow server` on loopback with a SQLite store; yields its URL.
+def postgres_server() -> Iterator[str]:
+    """A PostgreSQL server on loopback (`suradapter.stack.postgres`), its cluster in a fresh
+    folder under the system temp dir (which the `postgres` user can reach when tests run as
+    root); yields its `postgresql://sur:<password>@127.0.0.1:<port>` URL. Raises
+    PostgresNotFound when PostgreSQL is not installed."""
+    root = Path(tempfile.mkdtemp(prefix="sur-test-pg-"))
+    root.chmod(0o755)
+    password, port = "test-Pa55/word", free_port()
+    try:
+        postgres.init_cluster(root / "data", password)
+        url = postgres.server_url(password, port)
+        command = postgres.server_command(root / "data", port)
+
+        def up() -> bool:
+            return postgres.accepts_connections(url)
+
+        with ready_process(command, root / "postgres.log", up, 60, f"PostgreSQL on {port}"):
+            yield url
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextmanager
+def mlflow_server(root: Path, artifacts: str, backend: str | None = None) -> Iterator[str]:
+    """`mlflow server` on loopback with a SQLite store (or the SQLAlchemy URL `backend`, a
+    PostgreSQL database say); yields its URL.
 
     `artifacts` is the artifact destination (an s3:// URI on the local S3 server); the
     server proxies artifact traffic, so clients only talk HTTP to it.
@@ -109,7 +137,7 @@ def mlflow_server(root: Path, artifacts: str) -> Iterator[str]:
     port = free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     command = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}"]
+    command += ["--backend-store-uri", backend or f"sqlite:///{root / 'mlflow.db'}"]
     command += ["--artifacts-destination", artifacts, "--workers", "1"]
     url = f"http://127.0.0.1:{port}"
 
@@ -122,17 +150,62 @@ def mlflow_server(root: Path, artifacts: str) -> Iterator[str]:
 
 
 @contextmanager
+def prefect_server(root: Path, database: str | None = None) -> Iterator[str]:
+    """`prefect server start` on loopback with PREFECT_HOME `root` and its database there
+    (SQLite) or in the database `flow_tests` of the PostgreSQL server URL `database`; yields
+    its API URL."""
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    store = f"sqlite+aiosqlite:///{root / 'prefect.db'}"
+    if database is not None:
+        postgres.ensure_database(database, "flow_tests")
+        store = postgres.database_url(database, "flow_tests", "asyncpg")
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(root),
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL": store,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    command = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--analytics-off"]
+    url = f"http://127.0.0.1:{port}/api"
+
+    def healthy() -> bool:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            return response.status == 200
+
+    with ready_process(command, root / "server.log", healthy, 180, f"prefect at {url}", env=env):
+        yield url
+
+
+@contextmanager
 def registry_servers(
-    root: Path, setenv: Callable[[str, str], None]
+    root: Path, setenv: Callable[[str, str], None], database: str | None = None
 ) -> Iterator[tuple[str, S3Server]]:
-    """An S3 server and an MLflow server (SQLite store, artifacts on that S3) under `root`;
-    yields (MLflow URL, S3 server). The S3 environment is set with `setenv` first (e.g. a
-    MonkeyPatch's), so the MLflow server and this process's clients inherit it."""
+    """An S3 server and an MLflow server (SQLite store, or the PostgreSQL server URL
+    `database`; artifacts on that S3) under `root`; yields (MLflow URL, S3 server). The S3
+    environment is set with `setenv` first (e.g. a MonkeyPatch's), so the MLflow server and
+    this process's clients inherit it."""
+    backend = None
+    if database is not None:  # a database of its own: the stack tests use `mlflow`
+        postgres.ensure_database(database, "registry_tests")
+        backend = postgres.database_url(database, "registry_tests", "psycopg")
     with s3_server(root / "s3", ("mlflow",)) as s3:
         for key, value in s3_env(s3.endpoint).items():
             setenv(key, value)
-        with mlflow_server(root / "mlflow", "s3://mlflow/artifacts") as url:
+        with mlflow_server(root / "mlflow", "s3://mlflow/artifacts", backend) as url:
             yield url, s3
+
+
+def optional_postgres(request) -> str | None:
+    """The session's PostgreSQL server URL (the `postgres_url` fixture), or None where
+    PostgreSQL is not installed: a test that also runs on SQLite runs there instead."""
+    import pytest
+
+    try:
+        return request.getfixturevalue("postgres_url")
+    except pytest.skip.Exception:
+        return None
 
 
 def move_production(model_name: str, version: str) -> None:

