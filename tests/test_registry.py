@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,13 +123,15 @@ def artefacts(tiny_pipeline, tiny_params, tmp_path_factory) -> Artefacts:
     return Artefacts(path, adapter_dir, result.folder, passing, failing)
 
 
-@pytest.fixture(scope="module")
-def registry_servers(tmp_path_factory):
-    """One S3 server and one MLflow server (SQLite, artifacts on S3) for the module."""
-    root = tmp_path_factory.mktemp("registry-servers")
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def registry_servers(request, tmp_path_factory):
+    """One S3 server and one MLflow server (artifacts on S3) for the module: every registry
+    test runs on a SQLite store (one user) and on PostgreSQL (the team stack)."""
+    root = tmp_path_factory.mktemp(f"registry-servers-{request.param}")
+    database = request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
     with (
         pytest.MonkeyPatch.context() as patch,
-        servers.registry_servers(root, patch.setenv) as (url, s3),
+        servers.registry_servers(root, patch.setenv, database) as (url, s3),
     ):
         yield Servers(url, s3)
     mlflow.set_tracking_uri(None)
@@ -386,6 +389,27 @@ def test_promote_promote_and_rollback_move_production_and_previous(params, artef
     assert resolve(params, "production") == first and resolve(params, "previous") == second
     rolled = rollback(params)  # a second rollback undoes the first
     assert (rolled.production, rolled.previous) == (second, first)
+
+
+def test_concurrent_promotes_leave_production_on_a_validated_version(params, artefacts):
+    """Four promotions at once (two passing versions, one failing, each twice): every
+    passing one is promoted or loses the race cleanly, the failing one never is, and the
+    aliases end on validated versions."""
+    passing = [register_version(params, *artefacts.folders()).version for _ in range(2)]
+    failing = register_version(params, *artefacts.folders(artefacts.failing)).version
+
+    def attempt(version: str) -> str:
+        try:
+            return promote(params, version).production
+        except RegistryError as err:
+            return f"refused: {err}"
+
+    with ThreadPoolExecutor(4) as pool:
+        outcomes = list(pool.map(attempt, [*passing, failing, *passing]))
+    assert all(outcome in passing or outcome.startswith("refused") for outcome in outcomes)
+    assert "gate_verdict is 'failed'" in outcomes[2]
+    aliases = registry_status(params)
+    assert aliases["production"] in passing and aliases.get("previous") in (None, *passing)
 
 
 def test_promote_refuses_a_failed_version_and_keeps_production(params, artefacts):
