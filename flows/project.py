@@ -1,4 +1,10 @@
-"""The DVC project a flow runs in: its params (as DVC sees them), its stages and its lock."""
+"""The DVC project a flow runs in: its params (as DVC sees them), its stages and its locks.
+
+Two locks keep retrains one at a time: `retrain_lock`, a file lock on the checkout (its DVC
+workspace), and `shared_retrain_slot`, a one-slot global concurrency limit on the Prefect
+server, which every checkout and machine that shares the server takes before it trains,
+registers or promotes.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from flows.settings import LOCK_FILE, SHAPES_STAGE, STAGES
+from flows.settings import LOCK_FILE, RETRAIN_SLOT, SHAPES_STAGE, STAGES
 from suradapter.config import Params, load_params
 
 
@@ -63,3 +69,23 @@ def retrain_lock(project: Path, on_wait: Callable[[str], None]) -> Iterator[None
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextmanager
+def shared_retrain_slot(
+    on_wait: Callable[[str], None], timeout_s: float | None = None
+) -> Iterator[None]:
+    """Hold the one retrain slot of the Prefect server (global concurrency limit
+    RETRAIN_SLOT, made with 1 slot on first use); wait while another retrain holds it.
+
+    The slot is a lease the holder renews while it runs, so a holder that dies frees it when
+    its lease lapses. Raises TimeoutError when `timeout_s` passes first (None: wait on).
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.concurrency.sync import concurrency
+
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(RETRAIN_SLOT, 1)
+    on_wait(f"taking the shared retrain slot (Prefect concurrency limit '{RETRAIN_SLOT}')")
+    with concurrency(RETRAIN_SLOT, occupy=1, timeout_seconds=timeout_s, strict=True):
+        yield

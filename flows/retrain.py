@@ -25,7 +25,7 @@ from prefect.tasks import exponential_backoff
 
 from flows.dvc_stage import NOT_APPLICABLE, StageResult, run_dvc_stage, stage_env
 from flows.mlflow_runs import FlowTracking
-from flows.project import planned_stages, project_params, retrain_lock
+from flows.project import planned_stages, project_params, retrain_lock, shared_retrain_slot
 from flows.registration import Registration, promote_by_policy, register_or_reuse
 from flows.settings import (
     LOG_DIR,
@@ -141,7 +141,11 @@ def retrain(
     project = Path(project_dir).resolve()
     start = time.monotonic()
     backoff = exponential_backoff(retry_backoff_s)
-    with contextlib.chdir(project), retrain_lock(project, logger.info):
+    with (
+        contextlib.chdir(project),
+        retrain_lock(project, logger.info),
+        shared_retrain_slot(logger.info),
+    ):
         params = project_params(project)
         apply_client_env(params.stack.state_dir)  # a running `sur stack` is where tracking goes
         stages = planned_stages(project, params)

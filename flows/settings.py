@@ -24,5 +24,6 @@ WORK_POOL = "sur-local"  # a process work pool: flow runs are subprocesses on th
 RETRAIN_CRON = "0 3 * * 0"  # Sundays 03:00 (server time zone UTC unless --timezone)
 CHECK_CRON = "*/15 * * * *"  # every 15 minutes
 
-LOCK_FILE = ".sur/retrain.lock"  # one retrain at a time per project
+LOCK_FILE = ".sur/retrain.lock"  # one retrain at a time per checkout (its DVC workspace)
+RETRAIN_SLOT = "sur-retrain"  # and one at a time among all that share the Prefect server
 LOG_DIR = ".sur/flows"  # stage logs: <LOG_DIR>/<flow run name>/<stage>-<attempt>.log

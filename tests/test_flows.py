@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import servers
 import yaml
-from conftest import copy_into, pipeline_files
+from conftest import OFFLINE_ENV, copy_into, pipeline_files
 from mlflow.tracking import MlflowClient
 
 BIN = Path(sys.executable).parent
@@ -105,39 +105,50 @@ def add_surd_rows(repo: Path, count: int, seed: int, prefix: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory):
-    """A Prefect test server with its own PREFECT_HOME and result storage."""
-    from prefect.settings import (
-        PREFECT_HOME,
-        PREFECT_LOCAL_STORAGE_PATH,
-        PREFECT_SERVER_ANALYTICS_ENABLED,
-        temporary_settings,
-    )
-    from prefect.testing.utilities import prefect_test_harness
-
-    home = tmp_path_factory.mktemp("prefect")
-    updates = {
-        PREFECT_HOME: str(home),
-        PREFECT_LOCAL_STORAGE_PATH: str(home / "storage"),
-        PREFECT_SERVER_ANALYTICS_ENABLED: False,
-    }
-    with temporary_settings(updates=updates), prefect_test_harness(server_startup_timeout=120):
-        from prefect.settings import PREFECT_API_URL
-
-        yield PREFECT_API_URL.value()
+def database(request) -> str | None:
+    """The flows' servers keep their state in PostgreSQL (the team stack) where it is
+    installed, else in SQLite."""
+    return servers.optional_postgres(request)
 
 
 @pytest.fixture(scope="module")
-def mlflow_url(tmp_path_factory):
-    """A real MLflow server whose artifacts go to a real S3 server; clients pointed at it."""
+def prefect_api(tmp_path_factory, database):
+    """A real Prefect server (`prefect server start`, on `database`); this process's client
+    pointed at it, with its own PREFECT_HOME and result storage."""
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_HOME,
+        PREFECT_LOCAL_STORAGE_PATH,
+        temporary_settings,
+    )
+
+    home = tmp_path_factory.mktemp("prefect")
+    with servers.prefect_server(home / "server", database) as url:
+        updates = {
+            PREFECT_API_URL: url,
+            PREFECT_HOME: str(home / "client"),
+            PREFECT_LOCAL_STORAGE_PATH: str(home / "storage"),
+        }
+        with temporary_settings(updates=updates):
+            yield url
+
+
+@pytest.fixture(scope="module")
+def mlflow_url(tmp_path_factory, database):
+    """A real MLflow server (on `database`) whose artifacts go to a real S3 server; clients
+    pointed at it."""
     root = tmp_path_factory.mktemp("mlflow")
+    backend = None
+    if database is not None:
+        servers.postgres.ensure_database(database, "flow_tests_mlflow")
+        backend = servers.postgres.database_url(database, "flow_tests_mlflow", "psycopg")
     with (
         servers.s3_server(root / "s3", ("mlflow",)) as s3,
         pytest.MonkeyPatch.context() as patch,
     ):
         for key, value in servers.s3_env(s3.endpoint).items():
             patch.setenv(key, value)
-        with servers.mlflow_server(root / "server", "s3://mlflow/artifacts") as url:
+        with servers.mlflow_server(root / "server", "s3://mlflow/artifacts", backend) as url:
             patch.setenv("MLFLOW_TRACKING_URI", url)
             yield url
 
@@ -257,7 +268,20 @@ def test_data_check_retrains_when_surd_rows_are_added(project, mlflow_url):
     assert not data_check(project_dir=str(repo)).changed
 
 
-def test_deployments_run_on_a_process_worker(project, prefect_api):
+def worker_machine_env(home: Path, prefect_api: str, mlflow_url: str) -> dict[str, str]:
+    """What a worker on another machine has: the shared Prefect and MLflow URLs, the shared
+    S3's endpoint and keys, a home of its own (no PREFECT_HOME or state folder of the
+    server's), and the machine's own settings (PATH, the offline switches)."""
+    own = ("PATH", "LANG", "LC_ALL", *OFFLINE_ENV)
+    env = {key: os.environ[key] for key in own if key in os.environ}
+    env |= {key: os.environ[key] for key in servers.s3_env("") if key in os.environ}
+    env |= {"HOME": str(home), "PREFECT_HOME": str(home / ".prefect")}
+    return env | {"PREFECT_API_URL": prefect_api, "MLFLOW_TRACKING_URI": mlflow_url}
+
+
+def test_deployments_run_on_a_process_worker(project, prefect_api, mlflow_url, tmp_path):
+    """The worker runs as its own process with only the shared services' URLs and the S3
+    credentials (as on a GPU machine), and completes a deployment's run."""
     from prefect import get_client
     from prefect.deployments import run_deployment
 
@@ -278,7 +302,7 @@ def test_deployments_run_on_a_process_worker(project, prefect_api):
         assert deployment.pull_steps[0]["prefect.deployments.steps.set_working_directory"]
     flow_run = run_deployment("surd-data-check/on-data-change", timeout=0)
     command = [*worker_command(str(BIN / "prefect"), TEST_POOL), "--run-once"]
-    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    env = worker_machine_env(tmp_path / "worker-home", prefect_api, mlflow_url)
     worker = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert worker.returncode == 0, worker.stdout + worker.stderr
     with get_client(sync_client=True) as client:
@@ -323,3 +347,75 @@ def retrain_run_count() -> int:
     with get_client(sync_client=True) as client:
         flows_filter = FlowFilter(name=FlowFilterName(any_=["retrain"]))
         return len(client.read_flow_runs(flow_filter=flows_filter))
+
+
+def test_the_flows_state_is_in_postgresql_where_it_is_installed(project, database):
+    """The retrain's flow runs (Prefect) and its registered version (MLflow) are rows of the
+    PostgreSQL databases, not of SQLite files."""
+    if database is None:
+        pytest.skip("PostgreSQL is not installed here: the flows ran on SQLite")
+    import psycopg
+
+    with psycopg.connect(f"{database}/flow_tests") as connection:
+        completed = connection.execute(
+            "SELECT count(*) FROM flow_run WHERE state_type = 'COMPLETED'"
+        ).fetchone()
+    with psycopg.connect(f"{database}/flow_tests_mlflow") as connection:
+        versions = connection.execute("SELECT count(*) FROM model_versions").fetchone()
+    assert completed[0] >= 1 and versions[0] >= 1
+
+
+SLOT_HOLDER = """
+import sys
+from pathlib import Path
+
+from flows.project import shared_retrain_slot
+from suradapter.waiting import wait_until
+
+held, release, timeout = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3])
+try:
+    with shared_retrain_slot(print, timeout_s=timeout):
+        held.touch()
+        wait_until(release.exists, 600, "the test to release the slot")
+except TimeoutError:
+    sys.exit(3)
+"""
+
+
+def test_retrains_from_any_checkout_take_one_shared_slot(prefect_api, tmp_path):
+    """Processes that share only the Prefect server (as retrains on two machines do) hold
+    its retrain slot one at a time: the second cannot take it while the first holds it."""
+    from prefect import get_client
+
+    from flows.settings import RETRAIN_SLOT
+    from suradapter.waiting import wait_until
+
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+
+    def holder(name: str, timeout_s: float) -> list[str]:
+        files = [str(tmp_path / f"{name}.held"), str(tmp_path / f"{name}.release")]
+        return [sys.executable, "-c", SLOT_HOLDER, *files, str(timeout_s)]
+
+    def active_slots() -> int:
+        with get_client(sync_client=True) as client:
+            return client.read_global_concurrency_limit_by_name(RETRAIN_SLOT).active_slots
+
+    first = subprocess.Popen(holder("first", 120), env=env)
+    try:
+        wait_until(
+            lambda: (tmp_path / "first.held").exists(),
+            120,
+            "the first process to take the slot",
+            give_up=lambda: None if first.poll() is None else f"exit code {first.returncode}",
+        )
+        refused = subprocess.run(holder("second", 3), env=env, capture_output=True, timeout=120)
+        assert refused.returncode == 3, refused.stderr  # its wait ran out: no slot for it
+        assert not (tmp_path / "second.held").exists() and active_slots() == 1
+        (tmp_path / "first.release").touch()
+        assert first.wait(timeout=120) == 0
+    finally:
+        first.kill()
+    (tmp_path / "third.release").touch()
+    third = subprocess.run(holder("third", 120), env=env, capture_output=True, timeout=180)
+    assert third.returncode == 0, third.stderr
+    assert (tmp_path / "third.held").exists() and active_slots() == 0
