@@ -123,12 +123,13 @@ def artefacts(tiny_pipeline, tiny_params, tmp_path_factory) -> Artefacts:
     return Artefacts(path, adapter_dir, result.folder, passing, failing)
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+@pytest.fixture(scope="module")
 def registry_servers(request, tmp_path_factory):
-    """One S3 server and one MLflow server (artifacts on S3) for the module: every registry
-    test runs on a SQLite store (one user) and on PostgreSQL (the team stack)."""
-    root = tmp_path_factory.mktemp(f"registry-servers-{request.param}")
-    database = request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
+    """One S3 server and one MLflow server (artifacts on S3) for the module, on a SQLite
+    store (one user); tests marked `ON_BOTH_STORES` run on PostgreSQL (the team stack) too."""
+    store = request.param
+    root = tmp_path_factory.mktemp(f"registry-servers-{store}")
+    database = request.getfixturevalue("postgres_url") if store == "postgresql" else None
     with (
         pytest.MonkeyPatch.context() as patch,
         servers.registry_servers(root, patch.setenv, database) as (url, s3),
@@ -144,6 +145,19 @@ def registry_env(registry_servers, monkeypatch, repo_root) -> Servers:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registry_servers.url)
     monkeypatch.chdir(repo_root)  # git commit and dvc.lock of this repo
     return registry_servers
+
+
+# register, promote, rollback, concurrent promotes and the CLI also run on PostgreSQL
+ON_BOTH_STORES = pytest.mark.both_stores
+
+
+def pytest_generate_tests(metafunc):
+    """Every test on the registry servers runs on SQLite; those marked `both_stores` also on
+    PostgreSQL (one server pair per store for the module)."""
+    if "registry_servers" in metafunc.fixturenames:
+        both = metafunc.definition.get_closest_marker("both_stores") is not None
+        stores = ["sqlite", "postgresql"] if both else ["sqlite"]
+        metafunc.parametrize("registry_servers", stores, indirect=True, scope="module")
 
 
 def named(params, name: str):
@@ -238,6 +252,7 @@ def test_the_verdict_is_re_derived_from_the_metrics_not_taken_on_trust():
 # ---------------------------------------------------------------------------- registration
 
 
+@ON_BOTH_STORES
 def test_a_passing_version_gets_candidate_lineage_tags_and_verifiable_files(
     params, artefacts, registry_env, repo_root, tmp_path
 ):
@@ -360,6 +375,7 @@ def test_a_version_is_deleted_when_its_alias_cannot_be_set(
 # ------------------------------------------------------------------ promotion and rollback
 
 
+@ON_BOTH_STORES
 def test_promote_promote_and_rollback_move_production_and_previous(params, artefacts, registry_env):
     first = register_version(params, *artefacts.folders()).version
     second = register_version(params, *artefacts.folders()).version
@@ -391,6 +407,7 @@ def test_promote_promote_and_rollback_move_production_and_previous(params, artef
     assert (rolled.production, rolled.previous) == (second, first)
 
 
+@ON_BOTH_STORES
 def test_concurrent_promotes_leave_production_on_a_validated_version(params, artefacts):
     """Four promotions at once (two passing versions, one failing, each twice): every
     passing one is promoted or loses the race cleanly, the failing one never is, and the
@@ -557,6 +574,7 @@ def test_pyfunc_production_predicts_the_onnx_text_path_embeddings(
 # ------------------------------------------------------------------------------------ CLI
 
 
+@ON_BOTH_STORES
 def test_cli_register_promote_status_and_refusals(registry_env, artefacts, repo_root, tmp_path):
     from suradapter.cli import app
 
