@@ -310,8 +310,69 @@ def test_deployments_run_on_a_process_worker(project, prefect_api, mlflow_url, t
     assert state.is_completed(), f"{state}\n{worker.stdout}\n{worker.stderr}"
 
 
+def test_two_retrains_at_once_from_two_checkouts_register_whole_versions(
+    project, prefect_api, mlflow_url, tmp_path
+):
+    """Two `sur run`s started together in two checkouts that share only the services (as on
+    two machines): they take the retrain slot in turn, each registers a whole version (every
+    file matches the registry's record) and the aliases end on validated versions."""
+    from suradapter.config import load_params
+    from suradapter.registry import fetch_version
+
+    repo, _ = project
+    client = MlflowClient(mlflow_url)
+    before = {v.version for v in client.search_model_versions("name = 'sur-adapter'")}
+    checkouts = []
+    prompts = yaml.safe_load((repo / "params.yaml").read_text())["export"]["parity_prompts"]
+    for name, kept in (("first", 2), ("second", 3)):  # each exports anew: its own version
+        checkout = tmp_path / name
+        shutil.copytree(repo, checkout, symlinks=True)  # with its DVC cache: the rest skips
+        edit_params(
+            checkout,
+            export={"parity_prompts": prompts[:kept]},
+            registry={"promotion": "manual"},  # concurrent promotions: test_registry.py
+        )
+        checkouts.append(checkout)
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    command = [str(BIN / "sur"), "run", "--no-stack"]
+    runs = [
+        subprocess.Popen(command, cwd=c, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for c in checkouts
+    ]
+    outputs = [run.communicate(timeout=900)[0].decode(errors="replace") for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], "\n".join(outputs)
+
+    summaries = [json.loads((c / "outputs/run/summary.json").read_text()) for c in checkouts]
+    new = {s["registration"]["version"] for s in summaries}
+    assert len(new) == 2 and not new & before
+    params = load_params(checkouts[0] / "params.yaml")
+    for version in sorted(new):  # every file of each version matches the registry's record
+        fetched = fetch_version(params, version, tmp_path / "fetched" / version)
+        assert fetched.tags["gate_verdict"] == "passed"
+    aliases = client.get_registered_model("sur-adapter").aliases
+    for alias, version in aliases.items():
+        tags = client.get_model_version("sur-adapter", str(version)).tags
+        assert tags["gate_verdict"] == "passed", (alias, version)
+    assert str(aliases["candidate"]) in new  # the later of the two, by the slot's order
+    # the slot: one flow's MLflow run (opened inside it) ended before the other's began
+    experiment = client.get_experiment_by_name(params.train.experiment).experiment_id
+    parents = sorted(
+        (
+            client.search_runs(
+                [experiment], f"tags.`prefect.flow_run_id` = '{s['flow_run']['id']}'"
+            )[0].info
+            for s in summaries
+        ),
+        key=lambda info: info.start_time,
+    )
+    assert parents[0].end_time <= parents[1].start_time
+
+
 def test_sur_run_with_failing_gates_exits_zero_and_says_why(project, prefect_api, mlflow_url):
     repo, _ = project
+    client = MlflowClient(mlflow_url)
+    aliases_before = client.get_registered_model("sur-adapter").aliases
+    newest = max(int(v.version) for v in client.search_model_versions("name = 'sur-adapter'"))
     strict = {"max_denoise_increase": 0.0, "min_retrieval_gain": 1.0}  # a 4-step adapter fails
     edit_params(repo, registry={"promotion": "auto"}, evaluate={"gates": strict})
     env = {**os.environ, "PREFECT_API_URL": prefect_api}
@@ -328,7 +389,7 @@ def test_sur_run_with_failing_gates_exits_zero_and_says_why(project, prefect_api
     assert "FAILED" in out and "gate " in out
     summary = json.loads((repo / "outputs/run/summary.json").read_text())
     registration = summary["registration"]
-    assert registration["version"] == "3" and registration["passed"] is False
+    assert registration["version"] == str(newest + 1) and registration["passed"] is False
     assert registration["aliases"] == [] and "gates failed" in registration["promotion"]
     ran = {stage["stage"] for stage in summary["stages"] if stage["status"] == "ran"}
     assert ran == {"evaluate"}
@@ -336,8 +397,8 @@ def test_sur_run_with_failing_gates_exits_zero_and_says_why(project, prefect_api
     runs_page = summary["links"]["mlflow_experiment"]
     assert runs_page.startswith(mlflow_url) and runs_page.endswith("workflowType=machine_learning")
     assert summary["links"]["prefect_flow_run"].endswith(summary["flow_run"]["id"])
-    aliases = MlflowClient(mlflow_url).get_registered_model("sur-adapter").aliases
-    assert {alias: str(v) for alias, v in aliases.items()} == {"production": "1", "candidate": "2"}
+    aliases = client.get_registered_model("sur-adapter").aliases
+    assert aliases == aliases_before and str(aliases["production"]) == "1"  # none moved
 
 
 def retrain_run_count() -> int:
@@ -363,59 +424,3 @@ def test_the_flows_state_is_in_postgresql_where_it_is_installed(project, databas
     with psycopg.connect(f"{database}/flow_tests_mlflow") as connection:
         versions = connection.execute("SELECT count(*) FROM model_versions").fetchone()
     assert completed[0] >= 1 and versions[0] >= 1
-
-
-SLOT_HOLDER = """
-import sys
-from pathlib import Path
-
-from flows.project import shared_retrain_slot
-from suradapter.waiting import wait_until
-
-held, release, timeout = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3])
-try:
-    with shared_retrain_slot(print, timeout_s=timeout):
-        held.touch()
-        wait_until(release.exists, 600, "the test to release the slot")
-except TimeoutError:
-    sys.exit(3)
-"""
-
-
-def test_retrains_from_any_checkout_take_one_shared_slot(prefect_api, tmp_path):
-    """Processes that share only the Prefect server (as retrains on two machines do) hold
-    its retrain slot one at a time: the second cannot take it while the first holds it."""
-    from prefect import get_client
-
-    from flows.settings import RETRAIN_SLOT
-    from suradapter.waiting import wait_until
-
-    env = {**os.environ, "PREFECT_API_URL": prefect_api}
-
-    def holder(name: str, timeout_s: float) -> list[str]:
-        files = [str(tmp_path / f"{name}.held"), str(tmp_path / f"{name}.release")]
-        return [sys.executable, "-c", SLOT_HOLDER, *files, str(timeout_s)]
-
-    def active_slots() -> int:
-        with get_client(sync_client=True) as client:
-            return client.read_global_concurrency_limit_by_name(RETRAIN_SLOT).active_slots
-
-    first = subprocess.Popen(holder("first", 120), env=env)
-    try:
-        wait_until(
-            lambda: (tmp_path / "first.held").exists(),
-            120,
-            "the first process to take the slot",
-            give_up=lambda: None if first.poll() is None else f"exit code {first.returncode}",
-        )
-        refused = subprocess.run(holder("second", 3), env=env, capture_output=True, timeout=120)
-        assert refused.returncode == 3, refused.stderr  # its wait ran out: no slot for it
-        assert not (tmp_path / "second.held").exists() and active_slots() == 1
-        (tmp_path / "first.release").touch()
-        assert first.wait(timeout=120) == 0
-    finally:
-        first.kill()
-    (tmp_path / "third.release").touch()
-    third = subprocess.run(holder("third", 120), env=env, capture_output=True, timeout=180)
-    assert third.returncode == 0, third.stderr
-    assert (tmp_path / "third.held").exists() and active_slots() == 0

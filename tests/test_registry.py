@@ -147,16 +147,17 @@ def registry_env(registry_servers, monkeypatch, repo_root) -> Servers:
     return registry_servers
 
 
-# register, promote, rollback, concurrent promotes and the CLI also run on PostgreSQL
-ON_BOTH_STORES = pytest.mark.both_stores
+# register, promote, rollback and the CLI run on both stores; concurrent promotes (a team's
+# case) on PostgreSQL; the rest on SQLite
+ON_BOTH_STORES = pytest.mark.stores("sqlite", "postgresql")
 
 
 def pytest_generate_tests(metafunc):
-    """Every test on the registry servers runs on SQLite; those marked `both_stores` also on
-    PostgreSQL (one server pair per store for the module)."""
+    """Each test on the registry servers runs on the stores its `stores` mark names (default
+    SQLite), with one server pair per store for the module."""
     if "registry_servers" in metafunc.fixturenames:
-        both = metafunc.definition.get_closest_marker("both_stores") is not None
-        stores = ["sqlite", "postgresql"] if both else ["sqlite"]
+        marked = metafunc.definition.get_closest_marker("stores")
+        stores = list(marked.args) if marked else ["sqlite"]
         metafunc.parametrize("registry_servers", stores, indirect=True, scope="module")
 
 
@@ -407,7 +408,7 @@ def test_promote_promote_and_rollback_move_production_and_previous(params, artef
     assert (rolled.production, rolled.previous) == (second, first)
 
 
-@ON_BOTH_STORES
+@pytest.mark.stores("postgresql")
 def test_concurrent_promotes_leave_production_on_a_validated_version(params, artefacts):
     """Four promotions at once (two passing versions, one failing, each twice): every
     passing one is promoted or loses the race cleanly, the failing one never is, and the
