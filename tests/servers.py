@@ -3,13 +3,13 @@ server on SQLite or PostgreSQL."""
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,6 +18,7 @@ from pathlib import Path
 import boto3
 
 from suradapter.stack import postgres
+from suradapter.stack.process import http_ok
 from suradapter.waiting import ready_process, wait_until
 
 BIN = Path(sys.executable).parent
@@ -125,6 +126,13 @@ def postgres_server() -> Iterator[str]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def own_database(server: str, name: str, driver: str) -> str:
+    """Database `name` on the PostgreSQL `server` (made when missing), as the SQLAlchemy URL
+    through `driver`: each test module's servers keep their own database."""
+    postgres.ensure_database(server, name)
+    return postgres.database_url(server, name, driver)
+
+
 @contextmanager
 def mlflow_server(root: Path, artifacts: str, backend: str | None = None) -> Iterator[str]:
     """`mlflow server` on loopback with a SQLite store (or the SQLAlchemy URL `backend`, a
@@ -140,11 +148,7 @@ def mlflow_server(root: Path, artifacts: str, backend: str | None = None) -> Ite
     command += ["--backend-store-uri", backend or f"sqlite:///{root / 'mlflow.db'}"]
     command += ["--artifacts-destination", artifacts, "--workers", "1"]
     url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-            return response.status == 200
-
+    healthy = functools.partial(http_ok, f"{url}/health")
     with ready_process(command, root / "server.log", healthy, 120, f"mlflow at {url}", env=env):
         yield url
 
@@ -158,8 +162,7 @@ def prefect_server(root: Path, database: str | None = None) -> Iterator[str]:
     port = free_port()
     store = f"sqlite+aiosqlite:///{root / 'prefect.db'}"
     if database is not None:
-        postgres.ensure_database(database, "flow_tests")
-        store = postgres.database_url(database, "flow_tests", "asyncpg")
+        store = own_database(database, "flow_tests", "asyncpg")
     env = {
         **os.environ,
         "PREFECT_HOME": str(root),
@@ -169,11 +172,7 @@ def prefect_server(root: Path, database: str | None = None) -> Iterator[str]:
     command = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1"]
     command += ["--port", str(port), "--analytics-off"]
     url = f"http://127.0.0.1:{port}/api"
-
-    def healthy() -> bool:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-            return response.status == 200
-
+    healthy = functools.partial(http_ok, f"{url}/health")
     with ready_process(command, root / "server.log", healthy, 180, f"prefect at {url}", env=env):
         yield url
 
@@ -188,8 +187,7 @@ def registry_servers(
     this process's clients inherit it."""
     backend = None
     if database is not None:  # a database of its own: the stack tests use `mlflow`
-        postgres.ensure_database(database, "registry_tests")
-        backend = postgres.database_url(database, "registry_tests", "psycopg")
+        backend = own_database(database, "registry_tests", "psycopg")
     with s3_server(root / "s3", ("mlflow",)) as s3:
         for key, value in s3_env(s3.endpoint).items():
             setenv(key, value)

@@ -140,8 +140,7 @@ def mlflow_url(tmp_path_factory, database):
     root = tmp_path_factory.mktemp("mlflow")
     backend = None
     if database is not None:
-        servers.postgres.ensure_database(database, "flow_tests_mlflow")
-        backend = servers.postgres.database_url(database, "flow_tests_mlflow", "psycopg")
+        backend = servers.own_database(database, "flow_tests_mlflow", "psycopg")
     with (
         servers.s3_server(root / "s3", ("mlflow",)) as s3,
         pytest.MonkeyPatch.context() as patch,
