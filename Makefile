@@ -23,31 +23,28 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
 
+# $(call apt_install,PACKAGE,WHAT NEEDS IT): install a Debian package when apt is usable
+# (root), else say what will skip. The browser and PostgreSQL test dependencies use it.
+apt_install = if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing $(1) (Debian) for $(2)"; \
+		(apt-get install -y -q --no-install-recommends $(1) >/dev/null 2>&1 || \
+		 (apt-get update -q >/dev/null 2>&1 && \
+		  apt-get install -y -q --no-install-recommends $(1) >/dev/null 2>&1)) || \
+		echo "warning: could not install $(1); $(2) will skip"; \
+	else echo "note: $(1) missing; $(2) will skip"; fi
+
 # The serving page is tested in Debian's headless Chromium. Installed here when missing and
 # apt is usable (root); otherwise that one test skips and says why.
 CHROMIUM ?= /usr/bin/chromium
 browser:
-	@if [ ! -x $(CHROMIUM) ]; then \
-		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-			echo "installing chromium (Debian) for the serving page test"; \
-			(apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 || \
-			 (apt-get update -q >/dev/null 2>&1 && \
-			  apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1)) || \
-			echo "warning: could not install chromium; the browser test will skip"; \
-		else echo "note: $(CHROMIUM) missing; the browser test will skip"; fi; \
-	fi
+	@if [ ! -x $(CHROMIUM) ]; then $(call apt_install,chromium,the browser test); fi
 
 # The registry, stack and flow tests also run on a real PostgreSQL server (Debian's package),
 # installed here when missing and apt is usable; otherwise those variants skip and say why.
 postgres:
-	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v pg_config >/dev/null; then \
-		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-			echo "installing postgresql (Debian) for the PostgreSQL tests"; \
-			(apt-get install -y -q --no-install-recommends postgresql >/dev/null 2>&1 || \
-			 (apt-get update -q >/dev/null 2>&1 && \
-			  apt-get install -y -q --no-install-recommends postgresql >/dev/null 2>&1)) || \
-			echo "warning: could not install postgresql; the PostgreSQL tests will skip"; \
-		else echo "note: PostgreSQL missing; the PostgreSQL tests will skip"; fi; \
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && \
+		! command -v pg_config >/dev/null; then \
+		$(call apt_install,postgresql,the PostgreSQL tests); \
 	fi
 
 run: install
