@@ -98,14 +98,16 @@ def settled_identity(
     """(start time, command line) of `pid` once it shows `command`; None if it died first.
 
     Right after exec, /proc/<pid>/cmdline can still be empty; a script shows its
-    interpreter first. So this waits until the command line ends with `command`'s args.
+    interpreter first; a launcher (setpriv) shows itself until it execs `command`. So this
+    waits until the command line is `command`'s args after at most an interpreter and a path.
     """
     args = command[1:]
 
     def identity(settled_only: bool = True) -> tuple[float, list[str]] | None:
         process = psutil.Process(pid)
         cmdline = process.cmdline()
-        settled = len(cmdline) > len(args) and cmdline[len(cmdline) - len(args) :] == args
+        lead = len(cmdline) - len(args)
+        settled = 1 <= lead <= 2 and cmdline[lead:] == args
         return (process.create_time(), cmdline) if settled or not settled_only else None
 
     try:
@@ -117,8 +119,20 @@ def settled_identity(
         return None
 
 
-def stop_process_tree(process: psutil.Process, timeout: float = 20.0) -> None:
-    """SIGTERM `process`, its process group and its descendants; SIGKILL what outlives `timeout`."""
+def stop_process_tree(
+    process: psutil.Process, timeout: float = 20.0, leader_signal: int | None = None
+) -> None:
+    """SIGTERM `process`, its process group and its descendants; SIGKILL what outlives `timeout`.
+
+    `leader_signal` first goes to `process` alone, for a server that stops its own children
+    cleanly on it (PostgreSQL's SIGINT: a fast shutdown); the rest follows if it is still
+    running after `timeout`.
+    """
+    if leader_signal is not None:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.send_signal(leader_signal)
+            with contextlib.suppress(psutil.TimeoutExpired):
+                process.wait(timeout)
     try:
         members = [process, *process.children(recursive=True)]
         group = os.getpgid(process.pid)
