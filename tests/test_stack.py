@@ -7,10 +7,12 @@ S3 + MLflow pair. Prefect is the slow one (~15 s), so it starts once.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -26,12 +28,13 @@ from suradapter.stack import (
     StackPaths,
     client_env,
     down,
+    postgres,
     status,
     up,
 )
 from suradapter.stack.cli import stack_app
-from suradapter.stack.credentials import s3_credentials
-from suradapter.stack.process import PidRecord, write_record
+from suradapter.stack.credentials import postgres_login, s3_credentials
+from suradapter.stack.process import PidRecord, port_in_use, write_record
 from suradapter.stack.services import s3_client
 
 QUIET_CLIENT = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
@@ -49,8 +52,9 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def stack_params(state_dir, **overrides) -> StackParams:
-    ports = dict(zip(("s3_port", "mlflow_port", "prefect_port"), free_ports(3), strict=True))
+def stack_params(state_dir, local_postgres: bool = False, **overrides) -> StackParams:
+    names = ["s3_port", "mlflow_port", "prefect_port"] + ["postgres_port"] * local_postgres
+    ports = dict(zip(names, free_ports(len(names)), strict=True))
     return StackParams(state_dir=str(state_dir), **(ports | overrides))
 
 
@@ -313,3 +317,81 @@ def test_a_database_url_env_that_is_unset_fails_naming_it(tmp_path, monkeypatch)
     with pytest.raises(StackError, match=r"\$SUR_TEST_MISSING_URL, which is not set"):
         up(params)
     assert {item.state for item in status(params)} == {"stopped"}
+
+
+@pytest.fixture
+def passable_dir():
+    """A fresh folder others may pass through (0755): as root, the local PostgreSQL runs as
+    the `postgres` user, and pytest's own temp root is closed to it (0700)."""
+    try:
+        postgres.postgres_bin("postgres")
+    except postgres.PostgresNotFound as err:
+        pytest.skip(f"no PostgreSQL server here ({err})")
+    root = Path(tempfile.mkdtemp(prefix="sur-test-stack-"))
+    root.chmod(0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_stack_up_runs_a_local_postgresql_holding_mlflow_and_prefect_state(
+    passable_dir, monkeypatch
+):
+    """`stack.postgres_port`: `sur stack up` starts PostgreSQL first (cluster under the
+    state dir, generated login in a 0600 file), MLflow and Prefect keep their state in it,
+    `down` stops it last, and the data is still there on the next `up`."""
+    import psycopg
+    from mlflow import MlflowClient
+
+    params = stack_params(passable_dir / "state", local_postgres=True)
+    paths = StackPaths.of(params.state_dir)
+    started = run_stack_cli(params, "up")
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert "PostgreSQL login" in started.stdout
+        states = {item.name: item for item in status(params)}
+        assert {name: item.state for name, item in states.items()} == dict.fromkeys(
+            ("postgres", "s3", "mlflow", "prefect"), "running"
+        )
+        use_client_env(monkeypatch, params)
+        MlflowClient().create_experiment("on-local-postgres")
+        login = postgres_login(paths)
+        server = postgres.server_url(login.password, params.postgres_port)
+        with psycopg.connect(f"{server}/mlflow") as connection:
+            names = connection.execute("SELECT name FROM experiments").fetchall()
+        with psycopg.connect(f"{server}/prefect") as connection:  # Prefect's schema is there
+            flows = connection.execute("SELECT count(*) FROM flow").fetchone()
+        records = [path.read_text() for path in (paths.root / "run").glob("*.json")]
+        commands = [" ".join(psutil.Process(item.pid).cmdline()) for item in states.values()]
+    finally:
+        stopped = run_stack_cli(params, "down")
+    assert ("on-local-postgres",) in names and flows is not None
+    assert stopped.stdout.strip().splitlines()[-1].startswith("postgres: stopped")
+    assert not psutil.pid_exists(states["postgres"].pid)
+    assert not port_in_use(params.postgres_port)
+    assert (paths.postgres_data / "PG_VERSION").is_file()
+    assert stat.S_IMODE(paths.postgres_login.stat().st_mode) == 0o600
+    assert not (paths.mlflow_dir / "mlflow.db").exists()
+    assert not (paths.prefect_home / "prefect.db").exists()
+    assert not any(login.password in text for text in [*records, *commands])
+    up(params, ["postgres"])  # the cluster and its login outlive down
+    try:
+        with psycopg.connect(f"{server}/mlflow") as connection:
+            again = connection.execute("SELECT name FROM experiments").fetchall()
+    finally:
+        down(params)
+    assert ("on-local-postgres",) in again
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root's PostgreSQL runs as another user")
+def test_a_state_dir_the_postgres_user_cannot_reach_fails_naming_the_folder(passable_dir):
+    closed = passable_dir / "closed"
+    closed.mkdir(mode=0o700)
+    params = stack_params(closed / "state", local_postgres=True)
+    with pytest.raises(StackError, match=rf"cannot reach .*: {closed} is closed to other users"):
+        up(params, ["postgres"])
+    assert not (StackPaths.of(params.state_dir).postgres_data / "PG_VERSION").exists()
+
+
+def test_params_take_one_postgresql_source():
+    with pytest.raises(ValueError, match="exclude each other"):
+        StackParams(database_url_env="SUR_DATABASE_URL", postgres_port=5433)

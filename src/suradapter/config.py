@@ -563,7 +563,8 @@ BUCKET_PATTERN = r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"
 
 
 class StackParams(StrictModel):
-    """The local stack: Prefect server, MLflow tracking server and an S3 server, on loopback."""
+    """The local stack: Prefect server, MLflow tracking server, an S3 server and optionally
+    their PostgreSQL, on loopback."""
 
     state_dir: str = Field(
         ".sur/stack",
@@ -596,19 +597,34 @@ class StackParams(StrictModel):
         description="Name of the environment variable that holds a PostgreSQL server URL, "
         "credentials included (postgresql://user:password@host:port): MLflow's backend store "
         "(database `mlflow`) and Prefect's database (`prefect`) go there, made when missing. "
-        "null = SQLite files under state_dir (one user).",
+        "null = SQLite files under state_dir (one user), or postgres_port.",
+    )
+    postgres_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Loopback port of a local PostgreSQL server that `sur stack up` starts "
+        "(Debian's postgresql package; data in state_dir/postgres, its generated password in "
+        "a 0600 file there) and MLflow and Prefect keep their state in. null = none.",
     )
 
     @model_validator(mode="after")
-    def _distinct_ports(self) -> StackParams:
+    def _one_database_and_distinct_ports(self) -> StackParams:
+        if self.database_url_env is not None and self.postgres_port is not None:
+            raise ValueError(
+                "stack.database_url_env (a PostgreSQL server elsewhere) and "
+                "stack.postgres_port (a local one) exclude each other: set one to null"
+            )
         ports = {"s3_port": self.s3_port, "mlflow_port": self.mlflow_port}
         ports["prefect_port"] = self.prefect_port
+        if self.postgres_port is not None:
+            ports["postgres_port"] = self.postgres_port
         if len(set(ports.values())) != len(ports):
             raise ValueError(f"stack ports must differ, got {ports}")
         return self
 
     def port(self, service: str) -> int:
-        """The configured port of `service` ('s3', 'mlflow' or 'prefect')."""
+        """The configured port of `service` ('postgres', 's3', 'mlflow' or 'prefect')."""
         return getattr(self, f"{service}_port")
 
 

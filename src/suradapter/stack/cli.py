@@ -14,11 +14,12 @@ from suradapter.stack.services import StackError
 from suradapter.stack.settings import SERVICE_NAMES, StackParams, StackPaths
 
 stack_app = typer.Typer(
-    help="The local stack: Prefect server, MLflow tracking server, S3 server (loopback).",
+    help="The local stack: Prefect server, MLflow tracking server, S3 server and, with "
+    "stack.postgres_port, their PostgreSQL (loopback).",
     no_args_is_help=True,
 )
 console = Console()
-ONLY_HELP = f"Comma-separated subset of {', '.join(SERVICE_NAMES)} (default: all)."
+ONLY_HELP = f"Comma-separated subset of {', '.join(SERVICE_NAMES)} (default: all configured)."
 STATE_COLOURS = {"running": "green", "stopped": "dim", "unhealthy": "red", "dead": "red"}
 
 
@@ -65,6 +66,8 @@ def stack_up(
     console.print(f"S3 keys: {paths.s3_credentials} (0600)", highlight=False)
     if any(item.auth for item in statuses):
         console.print(f"MLflow admin: {paths.mlflow_admin} (0600)", highlight=False)
+    if any(item.name == "postgres" for item in statuses):
+        console.print(f"PostgreSQL login: {paths.postgres_login} (0600)", highlight=False)
 
 
 @stack_app.command("down")

@@ -1,7 +1,7 @@
 """Generated stack secrets, kept in owner-only (0600) files under the state dir.
 
-Secrets are made once and reused, so the S3 objects, the MLflow admin user and the Flask
-session key stay valid across `sur stack down` / `up`.
+Secrets are made once and reused, so the S3 objects, the MLflow admin user, the Flask
+session key and the local PostgreSQL cluster stay valid across `sur stack down` / `up`.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from suradapter.atomic import atomic_write_bytes
+from suradapter.stack.postgres import DATABASE_USER
 from suradapter.stack.settings import StackPaths
 
 S3_REGION = "us-east-1"
@@ -60,6 +61,25 @@ def mlflow_admin(paths: StackPaths, create: bool = False) -> MlflowAdmin | None:
         write_private(paths.mlflow_admin, json.dumps(asdict(admin), indent=2))
         return admin
     return MlflowAdmin(**data) if data else None
+
+
+@dataclass(frozen=True)
+class PostgresLogin:
+    """The local PostgreSQL server's login (`stack.postgres_port`)."""
+
+    user: str
+    password: str
+
+
+def postgres_login(paths: StackPaths, create: bool = False) -> PostgresLogin | None:
+    """The login of the stack's own PostgreSQL server; made (when `create`) on first use,
+    else None. The server's cluster is made with it, so it must outlive `down`."""
+    data = _read_json(paths.postgres_login)
+    if data is None and create:
+        login = PostgresLogin(DATABASE_USER, secrets.token_urlsafe(24))
+        write_private(paths.postgres_login, json.dumps(asdict(login), indent=2))
+        return login
+    return PostgresLogin(**data) if data else None
 
 
 def write_mlflow_auth_ini(paths: StackPaths, admin: MlflowAdmin) -> Path:

@@ -15,6 +15,7 @@ from typing import Literal, NoReturn
 
 import psutil
 
+from suradapter.stack import postgres
 from suradapter.stack import services as svc
 from suradapter.stack.credentials import mlflow_admin, s3_credentials
 from suradapter.stack.process import (
@@ -33,7 +34,6 @@ from suradapter.stack.services import Service, StackError
 from suradapter.stack.settings import SERVICE_NAMES, StackParams, StackPaths
 from suradapter.waiting import wait_until
 
-DEPENDENCIES = {"mlflow": ("s3",)}  # MLflow's artifacts live on the S3 server
 POLL_S = 0.5
 
 State = Literal["running", "unhealthy", "dead", "stopped"]
@@ -57,30 +57,49 @@ class ServiceStatus:
         return self.state in ("running", "stopped")
 
 
-def select(names: Iterable[str] | None, with_dependencies: bool = True) -> list[str]:
-    """`names` (default: all) plus what they need, in start order; raises StackError on typos."""
-    chosen = set(SERVICE_NAMES if names is None else names)
+def configured(params: StackParams) -> list[str]:
+    """The services this stack has: all but postgres, which needs `stack.postgres_port`."""
+    local_database = params.postgres_port is not None
+    return [name for name in SERVICE_NAMES if name != "postgres" or local_database]
+
+
+def dependencies(params: StackParams, name: str) -> set[str]:
+    """What `name` needs running: MLflow's artifacts live on S3, and with a local
+    PostgreSQL, MLflow's and Prefect's state lives there."""
+    needs = {"s3"} if name == "mlflow" else set()
+    if name in ("mlflow", "prefect") and params.postgres_port is not None:
+        needs.add("postgres")
+    return needs
+
+
+def select(
+    params: StackParams, names: Iterable[str] | None, with_dependencies: bool = True
+) -> list[str]:
+    """`names` (default: the configured services) plus what they need, in start order;
+    raises StackError on typos and on postgres without `stack.postgres_port`."""
+    chosen = set(configured(params) if names is None else names)
     unknown = chosen - set(SERVICE_NAMES)
     if unknown:
         raise StackError(
             f"unknown stack service(s) {sorted(unknown)}; known: {', '.join(SERVICE_NAMES)}"
         )
+    if "postgres" in chosen - set(configured(params)):
+        raise StackError("this stack has no local PostgreSQL: set stack.postgres_port")
     if with_dependencies:
         for name in list(chosen):
-            chosen.update(DEPENDENCIES.get(name, ()))
+            chosen.update(dependencies(params, name))
     return [name for name in SERVICE_NAMES if name in chosen]
 
 
 def build_services(
-    params: StackParams, paths: StackPaths, auth: bool, names: list[str]
+    params: StackParams, paths: StackPaths, auth: bool, names: list[str], database: str | None
 ) -> list[Service]:
-    """The `Service` for each of `names`, creating missing credentials on the way."""
+    """The `Service` for each of `names`, creating missing credentials on the way; MLflow
+    and Prefect keep their state on the PostgreSQL server `database` (None: SQLite)."""
     credentials = s3_credentials(paths, create=True)
     admin = mlflow_admin(paths, create=True) if auth else None
-    database = svc.database_server(params)
-    if database and {"mlflow", "prefect"} & set(names):
-        svc.ensure_databases(database)
     builders = {
+        "postgres": lambda: svc.postgres_service(params, paths),
         "s3": lambda: svc.s3_service(params, paths, credentials),
         "mlflow": lambda: svc.mlflow_service(params, paths, credentials, admin, database),
         "prefect": lambda: svc.prefect_service(params, paths, database),
@@ -103,35 +122,26 @@ def up(
     other settings, or a service is not healthy in time (with the tail of its log).
     """
     report = on_progress or (lambda message: None)
-    names = select(only)
+    names = select(params, only)
     paths = StackPaths.of(params.state_dir)
-    paths.ensure()
+    local_database = params.postgres_port is not None
+    paths.ensure(traversable=local_database and postgres.runs_as_other_user())
     if auth is None:  # keep what a running MLflow has, else params
         running = running_record(paths, "mlflow")
         auth = running.auth if running else params.auth
-    wanted = build_services(params, paths, auth, names)
+    database = svc.database_server(params, paths)
+    wanted = build_services(params, paths, auth, names, database)
     pending: dict[str, Launch] = {}
-    for service in wanted:
-        record = read_record(paths.pid_file(service.name))
-        if record and owned_process(record):
-            if record.fingerprint != service.fingerprint:
-                raise StackError(
-                    f"{service.name} is already running (pid {record.pid}, {record.url}) with "
-                    "other settings (ports, buckets or --auth); run `sur stack down` first"
-                )
-            pending[service.name] = Launch(service, record)  # adopted: wait for its health
-            continue
-        paths.pid_file(service.name).unlink(missing_ok=True)
-        if port_in_use(service.port):
-            owner = port_owner(service.port)
-            raise StackError(
-                f"port {service.port} ({service.name}) is already in use"
-                f"{f' by {owner}' if owner else ''}; stop that process or set "
-                f"stack.{service.name}_port in params.yaml"
-            )
-        report(f"starting {service.name} on {service.url}")
-        pending[service.name] = _start(service, paths)
-    _wait_healthy(list(pending.values()), paths, params.startup_timeout, report)
+    # the database first: MLflow and Prefect migrate their schema into it as they start
+    for group in (
+        [s for s in wanted if s.name == "postgres"],
+        [s for s in wanted if s.name != "postgres"],
+    ):
+        if database and {"mlflow", "prefect"} & {service.name for service in group}:
+            svc.ensure_databases(database)
+        launches = [_launch(service, paths, report) for service in group]
+        _wait_healthy(launches, paths, params.startup_timeout, report)
+        pending.update((launch.service.name, launch) for launch in launches)
     if "s3" in pending:
         credentials = s3_credentials(paths)
         assert credentials is not None
@@ -142,6 +152,30 @@ def up(
         replace(state, note="started" if pending[state.name].process else "already running")
         for state in status(params, list(pending))
     ]
+
+
+def _launch(service: Service, paths: StackPaths, report: Progress) -> Launch:
+    """Adopt `service` when it already runs with the same settings, else start it."""
+    record = read_record(paths.pid_file(service.name))
+    if record and owned_process(record):
+        if record.fingerprint != service.fingerprint:
+            raise StackError(
+                f"{service.name} is already running (pid {record.pid}, {record.url}) with "
+                "other settings (ports, buckets or --auth); run `sur stack down` first"
+            )
+        return Launch(service, record)  # adopted: wait for its health
+    paths.pid_file(service.name).unlink(missing_ok=True)
+    if port_in_use(service.port):
+        owner = port_owner(service.port)
+        raise StackError(
+            f"port {service.port} ({service.name}) is already in use"
+            f"{f' by {owner}' if owner else ''}; stop that process or set "
+            f"stack.{service.name}_port in params.yaml"
+        )
+    if service.prepare is not None:
+        service.prepare()
+    report(f"starting {service.name} on {service.url}")
+    return _start(service, paths)
 
 
 @dataclass
@@ -160,21 +194,23 @@ class Launch:
         return None if owned_process(self.record) else "exited during start-up"
 
     def stop(self) -> None:
+        leader_signal = svc.STOP_SIGNAL.get(self.service.name)
         if self.process is not None and self.process.poll() is None:
-            stop_process_tree(psutil.Process(self.process.pid))
+            stop_process_tree(psutil.Process(self.process.pid), leader_signal=leader_signal)
         elif (process := owned_process(self.record)) is not None:
-            stop_process_tree(process)
+            stop_process_tree(process, leader_signal=leader_signal)
 
 
 def _start(service: Service, paths: StackPaths) -> Launch:
     log_path = paths.log_file(service.name)
     process, offset = start_detached(service.command, service.env, log_path, paths.root)
-    identity = settled_identity(process.pid, service.command)
+    shows = service.shows or service.command
+    identity = settled_identity(process.pid, shows)
     record = PidRecord(
         service=service.name,
         pid=process.pid,
         create_time=identity[0] if identity else 0.0,
-        cmdline=identity[1] if identity else service.command,
+        cmdline=identity[1] if identity else shows,
         url=service.url,
         fingerprint=service.fingerprint,
         log=str(log_path),
@@ -219,10 +255,16 @@ def _fail(launch: Launch, paths: StackPaths, reason: str) -> NoReturn:
 
 
 def down(params: StackParams, only: Iterable[str] | None = None) -> list[tuple[str, str]]:
-    """Stop the services `up` started (or `only` those); returns (service, what happened)."""
+    """Stop the services `up` started (or `only` those); returns (service, what happened).
+
+    By default that includes a service params no longer configure but whose pid record
+    remains (a local PostgreSQL after `stack.postgres_port` was unset, say)."""
     paths = StackPaths.of(params.state_dir)
+    names = select(params, only, with_dependencies=False)
+    if only is None:
+        names = [n for n in SERVICE_NAMES if n in names or paths.pid_file(n).is_file()]
     outcome = []
-    for name in reversed(select(only, with_dependencies=False)):
+    for name in reversed(names):
         pid_file = paths.pid_file(name)
         record = read_record(pid_file)
         if record is None:
@@ -232,7 +274,7 @@ def down(params: StackParams, only: Iterable[str] | None = None) -> list[tuple[s
         if process is None:
             outcome.append((name, f"stale pid file removed (pid {record.pid} is not ours)"))
         else:
-            stop_process_tree(process)
+            stop_process_tree(process, leader_signal=svc.STOP_SIGNAL.get(name))
             outcome.append((name, f"stopped (pid {record.pid})"))
         pid_file.unlink(missing_ok=True)
     return outcome
@@ -242,10 +284,11 @@ def status(params: StackParams, only: Iterable[str] | None = None) -> list[Servi
     """Each service's state, URL and pid, with a live health check of running ones."""
     paths = StackPaths.of(params.state_dir)
     statuses = []
-    for name in select(only, with_dependencies=False):
+    for name in select(params, only, with_dependencies=False):
         record = read_record(paths.pid_file(name))
         if record is None:
-            statuses.append(ServiceStatus(name, "stopped", svc.service_url(params.port(name))))
+            url = svc.service_url(params.port(name), name)
+            statuses.append(ServiceStatus(name, "stopped", url))
         elif owned_process(record) is None:
             gone = "is gone" if not psutil.pid_exists(record.pid) else "is another process now"
             note = f"pid {record.pid} {gone}; see {record.log}"

