@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,20 @@ for _key, _value in OFFLINE_ENV.items():
     os.environ.setdefault(_key, _value)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def mlflow_tracking_uri_per_test():
+    """Clear MLflow's process-wide tracking URI after each test. A stage run in this process
+    sets it (and copies it into $MLFLOW_TRACKING_URI), and it outranks the variable, so the
+    next test's clients would talk to this test's server, long stopped. The variable goes back
+    to what it was before the test (a module's servers may have set it)."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if "mlflow" in sys.modules:
+        sys.modules["mlflow"].set_tracking_uri(None)
+    if before is not None:
+        os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 @pytest.fixture(scope="session")

@@ -261,7 +261,6 @@ def registry_url(tmp_path_factory):
         servers.registry_servers(root, patch.setenv) as (url, _),
     ):
         yield url
-    mlflow.set_tracking_uri(None)
 
 
 def registry_params(eval_project: Path, url: str, name: str, shapes_world: bool) -> Path:

@@ -135,7 +135,6 @@ def registry_servers(request, tmp_path_factory):
         servers.registry_servers(root, patch.setenv, database) as (url, s3),
     ):
         yield Servers(url, s3)
-    mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture

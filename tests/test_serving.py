@@ -164,7 +164,6 @@ def serving_process(folder: Path, params_path: Path, repo_root: Path) -> Iterato
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, repo_root, tiny_pipeline) -> Iterator[Stack]:
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     from suradapter.registry import promote, register_version
@@ -190,11 +189,8 @@ def stack(tmp_path_factory, repo_root, tiny_pipeline) -> Iterator[Stack]:
         assert not d.passed
         versions["d"] = d.version
         promote(params, version=versions["a"])
-        try:
-            with serving_process(root, params_path, repo_root) as url:
-                yield Stack(url, params, versions, root / "serving.log")
-        finally:
-            mlflow.set_tracking_uri(None)
+        with serving_process(root, params_path, repo_root) as url:
+            yield Stack(url, params, versions, root / "serving.log")
 
 
 def test_health_is_public_and_ready_names_the_production_version(stack):

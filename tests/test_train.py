@@ -260,7 +260,6 @@ def test_two_processes_train_one_adapter_in_the_launchers_precision(tiny_project
 
 
 def test_mlflow_run_has_params_metrics_plots_and_lineage(tiny_project):
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     from suradapter.tracking import tracking_uri
@@ -286,7 +285,6 @@ def test_mlflow_run_has_params_metrics_plots_and_lineage(tiny_project):
     assert artifacts == {"plots/loss_curves.png", "plots/base_vs_adapter.png"}
     adapter_files = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
     assert "adapter/config.json" in adapter_files
-    mlflow.set_tracking_uri(None)
 
 
 def test_an_experiment_made_before_the_kind_tag_gets_it_and_keeps_its_id(tmp_path):
