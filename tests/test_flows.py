@@ -344,6 +344,8 @@ def test_two_retrains_at_once_from_two_checkouts_register_whole_versions(
     summaries = [json.loads((c / "outputs/run/summary.json").read_text()) for c in checkouts]
     new = {s["registration"]["version"] for s in summaries}
     assert len(new) == 2 and not new & before
+    after = {v.version for v in client.search_model_versions("name = 'sur-adapter'")}
+    assert after == before | new  # no third, half-registered version
     params = load_params(checkouts[0] / "params.yaml")
     for version in sorted(new):  # every file of each version matches the registry's record
         fetched = fetch_version(params, version, tmp_path / "fetched" / version)
